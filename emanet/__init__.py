@@ -1,0 +1,12 @@
+"""EMANet (Li et al., ICCV 2019) for PaddlePaddle 3.x, as a PaddleSeg plugin.
+
+``import emanet`` registers its model, losses and datasets in PaddleSeg's component
+managers, so ``type: EMANet`` in a PaddleSeg YAML builds this package's model.
+"""
+from emanet.models import EMAU, EMAHead, EMANet
+from emanet.registry import register_all
+
+__version__ = '0.1.0'
+__all__ = ['EMAU', 'EMAHead', 'EMANet']
+
+register_all()

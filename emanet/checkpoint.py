@@ -1,0 +1,127 @@
+"""Reading and writing weights: one format (Paddle's .pdparams/.pdopt pickles), loaded safely.
+
+``.pdparams`` files are pickles, and a plain unpickler runs any code a file names.
+``read_state`` admits only numpy arrays and plain containers, so a downloaded
+checkpoint can never execute code.
+"""
+import io
+import logging
+import os
+import pickle
+
+import numpy as np
+import paddle
+
+from emanet.download import cached_path, is_url
+
+logger = logging.getLogger(__name__)
+
+# PaddleSeg's EMAU kept its bases under another name before April 2021.
+LEGACY_KEYS = {'head.emau.bases': 'head.emau.mu'}
+# Bookkeeping Paddle adds to some saved files; not a weight.
+PADDLE_METADATA_KEYS = ('StructuredToParameterName@@',)
+
+_SAFE_GLOBALS = {
+    ('builtins', 'tuple'), ('builtins', 'list'), ('builtins', 'dict'), ('builtins', 'set'),
+    ('builtins', 'frozenset'), ('builtins', 'slice'), ('collections', 'OrderedDict'),
+    ('numpy', 'ndarray'), ('numpy', 'dtype'),
+    ('numpy.core.multiarray', '_reconstruct'), ('numpy.core.multiarray', 'scalar'),
+    ('numpy._core.multiarray', '_reconstruct'), ('numpy._core.multiarray', 'scalar'),
+}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is unreadable, unsafe, or does not fit the model; the message says which file and keys."""
+
+
+class _UnsafeGlobal(pickle.UnpicklingError):
+    """The pickle names a callable outside the admitted arrays and containers."""
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in _SAFE_GLOBALS:
+            raise _UnsafeGlobal(f"it would call '{module}.{name}'")
+        if module.startswith('numpy._core') and not hasattr(np, '_core'):
+            module = module.replace('numpy._core', 'numpy.core')
+        return super().find_class(module, name)
+
+
+def _to_plain(obj):
+    """Paddle 3 pickles a tensor as the tuple (name, ndarray); keep the array."""
+    if isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], str) and isinstance(obj[1], np.ndarray):
+        return obj[1]
+    if isinstance(obj, dict):
+        return type(obj)((k, _to_plain(v)) for k, v in obj.items())
+    if isinstance(obj, list):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def read_state(path):
+    """Load a .pdparams/.pdopt file into numpy arrays and plain containers, never running code."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with open(path, 'rb') as f:
+            state = _RestrictedUnpickler(io.BytesIO(f.read())).load()
+    except _UnsafeGlobal as err:
+        raise CheckpointError(f"{path}: refused, not a plain Paddle checkpoint ({err})") from None
+    except Exception as err:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({err.__class__.__name__}: {err})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of weights, found {type(state).__name__}")
+    return _to_plain(state)
+
+
+def save_state(state, path):
+    """Write ``state`` (a state_dict or any dict of tensors/values) atomically: a crash leaves the old file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    partial = path + '.part'
+    paddle.save(state, partial)
+    os.replace(partial, path)
+
+
+def upgrade_legacy_keys(state, source=''):
+    """Rename keys of older PaddleSeg EMANet checkpoints to today's names, warning once."""
+    for old, new in LEGACY_KEYS.items():
+        if old in state and new not in state:
+            logger.warning("%s: renaming legacy key '%s' to '%s'", source, old, new)
+            state[new] = state.pop(old)
+    for key in PADDLE_METADATA_KEYS:
+        state.pop(key, None)
+    return state
+
+
+def load_weights(model, path, strict=True):
+    """Load weights from a local file or URL into ``model``.
+
+    With ``strict`` every key must match by name and shape, else one ``CheckpointError``
+    lists what is missing, unexpected, or of another shape. Without it, matching keys
+    load and the rest are reported as a warning (for fine-tuning on other classes).
+    """
+    local = cached_path(path) if is_url(path) else path
+    state = upgrade_legacy_keys(read_state(local), source=path)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k}: checkpoint {list(np.shape(state[k]))} vs model {list(expected[k].shape)}"
+                  for k in expected if k in state and list(np.shape(state[k])) != list(expected[k].shape)]
+    problems = _describe(missing, unexpected, mismatched)
+    if problems and strict:
+        raise CheckpointError(f"{path} does not fit {model.__class__.__name__}: {problems}")
+    if problems:
+        logger.warning("%s: loading the matching weights only; %s", path, problems)
+    bad = set(missing) | set(k.split(':')[0] for k in mismatched)
+    model.set_state_dict({k: state[k] for k in expected if k not in bad})
+    return model
+
+
+def _describe(missing, unexpected, mismatched, limit=8):
+    parts = []
+    for label, keys in (('missing', missing), ('unexpected', unexpected), ('shape mismatch', mismatched)):
+        if keys:
+            shown = ', '.join(keys[:limit]) + (f' ... ({len(keys)} in all)' if len(keys) > limit else '')
+            parts.append(f"{label}: {shown}")
+    return '; '.join(parts)
+

@@ -1,0 +1,61 @@
+"""Download files once into a local cache, with a progress bar and a clear error offline."""
+import hashlib
+import os
+import tempfile
+from urllib.parse import urlparse
+
+import requests
+from tqdm import tqdm
+
+CACHE_DIR = os.environ.get('EMANET_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'emanet'))
+TIMEOUT_SECONDS = 15
+
+
+class DownloadError(RuntimeError):
+    """A file could not be downloaded; the message names the URL."""
+
+
+def is_url(path):
+    return str(path).startswith(('http://', 'https://'))
+
+
+def cached_path(url, sha256=None, cache_dir=None):
+    """Return a local path for ``url``, downloading it on first use.
+
+    The file lands in a temporary file renamed only once complete (and checksummed
+    when ``sha256`` is given), so an interrupted download never leaves a half file.
+    """
+    cache_dir = cache_dir or CACHE_DIR
+    parts = urlparse(url)
+    target = os.path.join(cache_dir, parts.netloc, parts.path.lstrip('/'))
+    if os.path.exists(target):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=os.path.dirname(target), suffix='.part')
+    try:
+        with os.fdopen(fd, 'wb') as out:
+            digest = _fetch(url, out)
+        if sha256 is not None and digest != sha256:
+            raise DownloadError(f"{url}: checksum mismatch (sha256 {digest}, expected {sha256})")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return target
+
+
+def _fetch(url, out):
+    digest = hashlib.sha256()
+    try:
+        with requests.get(url, stream=True, timeout=TIMEOUT_SECONDS) as response:
+            response.raise_for_status()
+            total = int(response.headers.get('content-length', 0)) or None
+            with tqdm(total=total, unit='B', unit_scale=True, desc=os.path.basename(url)) as bar:
+                for chunk in response.iter_content(chunk_size=1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    except requests.RequestException as err:
+        raise DownloadError(f"could not download {url}: {err.__class__.__name__}. "
+                            f"Check the network, or download it by hand and pass the local path.") from None
+    return digest.hexdigest()

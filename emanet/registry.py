@@ -1,0 +1,13 @@
+"""Put this package's components into PaddleSeg's registries, replacing entries of the same name."""
+from paddleseg.cvlibs import manager
+
+
+def register(registry, component):
+    """Register ``component`` under its class name, silently replacing PaddleSeg's own."""
+    registry.components_dict[component.__name__] = component
+    return component
+
+
+def register_all():
+    from emanet.models import EMANet
+    register(manager.MODELS, EMANet)
