@@ -9,5 +9,8 @@ def register(registry, component):
 
 
 def register_all():
+    from emanet.engine.losses import CrossEntropyLoss, OhemCrossEntropyLoss
     from emanet.models import EMANet
     register(manager.MODELS, EMANet)
+    register(manager.LOSSES, CrossEntropyLoss)
+    register(manager.LOSSES, OhemCrossEntropyLoss)
