@@ -14,7 +14,7 @@ import paddle
 
 from emanet.download import cached_path, is_url
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)  # a child of the "emanet" logger
 
 # PaddleSeg's EMAU kept its bases under another name before April 2021.
 LEGACY_KEYS = {'head.emau.bases': 'head.emau.mu'}
@@ -71,6 +71,8 @@ def read_state(path):
         raise CheckpointError(f"{path}: unreadable checkpoint ({err.__class__.__name__}: {err})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of weights, found {type(state).__name__}")
+    for key in PADDLE_METADATA_KEYS:
+        state.pop(key, None)
     return _to_plain(state)
 
 
@@ -88,8 +90,6 @@ def upgrade_legacy_keys(state, source=''):
         if old in state and new not in state:
             logger.warning("%s: renaming legacy key '%s' to '%s'", source, old, new)
             state[new] = state.pop(old)
-    for key in PADDLE_METADATA_KEYS:
-        state.pop(key, None)
     return state
 
 

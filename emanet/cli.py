@@ -1,0 +1,48 @@
+"""What the command-line tools share: flags, config loading, and one-sentence errors."""
+import os
+import sys
+
+from emanet.checkpoint import CheckpointError
+from emanet.config import ConfigError, load_config
+from emanet.download import DownloadError
+from emanet.logger import setup_logging
+
+# Errors a user can cause; the tools print their message alone, without a traceback.
+USER_ERRORS = (ConfigError, CheckpointError, DownloadError, FileNotFoundError, ValueError, RuntimeError)
+
+
+def add_augment_flags(parser):
+    """Test-time augmentation flags shared by val.py and predict.py (they override test_config)."""
+    parser.add_argument('--aug_eval', action='store_true', default=None, help='use flips and scales below')
+    parser.add_argument('--scales', nargs='+', type=float, help='scales for multi-scale inference, e.g. 0.75 1.0 1.25')
+    parser.add_argument('--flip_horizontal', action='store_true', default=None, help='add a left-right flip')
+    parser.add_argument('--flip_vertical', action='store_true', default=None, help='add an up-down flip')
+    parser.add_argument('--is_slide', action='store_true', default=None, help='sliding-window inference')
+    parser.add_argument('--crop_size', nargs=2, type=int, metavar=('W', 'H'), help='sliding window size')
+    parser.add_argument('--stride', nargs=2, type=int, metavar=('W', 'H'), help='sliding window stride')
+
+
+def augment_flags(args):
+    return {key: getattr(args, key) for key in
+            ('aug_eval', 'scales', 'flip_horizontal', 'flip_vertical', 'is_slide', 'crop_size', 'stride')}
+
+
+def load_config_from_args(args):
+    return load_config(args.config, learning_rate=getattr(args, 'learning_rate', None),
+                       batch_size=getattr(args, 'batch_size', None), iters=getattr(args, 'iters', None),
+                       opts=getattr(args, 'opts', None))
+
+
+def run_cli(main, args):
+    """Run a tool's main; a user error ends in one line on stderr and exit code 2.
+
+    Set EMANET_DEBUG=1 to see the full traceback instead.
+    """
+    setup_logging()
+    try:
+        main(args)
+    except USER_ERRORS as err:
+        if os.environ.get('EMANET_DEBUG'):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

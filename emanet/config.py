@@ -1,0 +1,100 @@
+"""The one config loader: PaddleSeg's YAML format (``_base_``, ``--opts``), checked up front.
+
+Mistakes in a config end in one ``ConfigError`` that names the file and the key,
+with the closest known name, before any training time is spent.
+"""
+import difflib
+import inspect
+import os
+
+import yaml
+from paddleseg.cvlibs import Config, SegBuilder
+
+from emanet.checkpoint import load_weights
+
+
+TOP_LEVEL_KEYS = ('batch_size', 'iters', 'train_dataset', 'val_dataset', 'optimizer', 'lr_scheduler',
+                  'loss', 'model', 'test_config', 'export', 'distill_loss', 'to_static_training',
+                  '_base_', '_inherited_')
+
+
+class ConfigError(ValueError):
+    """A config file is missing, malformed, or names a key or type that does not exist."""
+
+
+def closest(name, choices):
+    match = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ''
+
+
+def load_config(path, learning_rate=None, batch_size=None, iters=None, opts=None):
+    """Read a PaddleSeg-style YAML config, with command-line overrides, into a ``paddleseg`` Config."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        cfg = Config(path, learning_rate=learning_rate, batch_size=batch_size, iters=iters, opts=opts)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    except (AssertionError, RuntimeError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{path}: {str(err).strip()}") from None
+    unknown = [key for key in cfg.dic if key not in TOP_LEVEL_KEYS]
+    if unknown:
+        raise ConfigError(f"{path}: unknown key '{unknown[0]}'{closest(unknown[0], TOP_LEVEL_KEYS)}")
+    cfg.path = path
+    return cfg
+
+
+class Builder(SegBuilder):
+    """PaddleSeg's builder, with errors that name the config key and the closest known name."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.path = getattr(config, 'path', 'config')
+
+    def load_component_class(self, class_type):
+        for registry in self.comp_list:
+            if class_type in registry.components_dict:
+                return registry[class_type]
+        known = [name for registry in self.comp_list for name in registry.components_dict]
+        raise ConfigError(f"{self.path}: unknown type '{class_type}'{closest(class_type, known)}")
+
+    def build_component_impl(self, component_class, *args, **kwargs):
+        try:
+            signature = inspect.signature(component_class)
+        except (TypeError, ValueError):
+            signature = None
+        takes_any = signature is None or any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
+        if not takes_any:
+            for key in kwargs:
+                if key not in signature.parameters:
+                    raise ConfigError(f"{self.path}: {component_class.__name__} has no argument '{key}'"
+                                      f"{closest(key, signature.parameters)}")
+        return component_class(*args, **kwargs)
+
+    def build_component(self, cfg):
+        try:
+            return super().build_component(cfg)
+        except RuntimeError as err:
+            # PaddleSeg wraps errors from deeper components; keep ours as they are.
+            cause = err.__context__
+            while cause is not None:
+                if isinstance(cause, ConfigError):
+                    raise cause from None
+                cause = cause.__context__
+            raise
+
+
+def build_model(cfg, weights=None):
+    """Build the config's model; with ``weights`` (a path or URL) load them strictly.
+
+    Given whole-model weights, the backbone's ImageNet weights are not downloaded.
+    """
+    if weights is not None:
+        model_cfg = cfg.dic['model']
+        model_cfg.pop('pretrained', None)
+        if isinstance(model_cfg.get('backbone'), dict):
+            model_cfg['backbone'].pop('pretrained', None)
+    model = Builder(cfg).model
+    if weights is not None:
+        load_weights(model, weights)
+    return model

@@ -1,0 +1,60 @@
+"""Evaluation: mIoU and friends over a dataset, with flip, multi-scale and sliding-window inference."""
+import json
+import time
+
+import paddle
+
+from emanet.engine.data import EvalSamples, collate_one
+from emanet.engine.inference import infer_logits, reverse_transform
+from emanet.engine.metrics import SegMetrics, format_report
+from emanet.logger import logger
+
+# test_config keys (PaddleSeg's) that evaluate() and predict() understand.
+AUGMENT_KEYS = ('aug_eval', 'scales', 'flip_horizontal', 'flip_vertical', 'is_slide', 'crop_size', 'stride')
+
+
+def augment_options(test_config=None, **overrides):
+    """Merge a config's ``test_config`` with command-line overrides (those not None win)."""
+    options = {key: value for key, value in (test_config or {}).items() if key in AUGMENT_KEYS}
+    unknown = [key for key in (test_config or {}) if key not in AUGMENT_KEYS]
+    if unknown:
+        raise ValueError(f"test_config has unknown key '{unknown[0]}'; known: {', '.join(AUGMENT_KEYS)}")
+    options.update({key: value for key, value in overrides.items() if value is not None})
+    return options
+
+
+def predict_logits(model, images, aug_eval=False, scales=1.0, flip_horizontal=False, flip_vertical=False,
+                   is_slide=False, crop_size=None, stride=None):
+    """Logits [N, C, H, W] for a batch; flips and scales apply only with ``aug_eval``."""
+    if not aug_eval:
+        scales, flip_horizontal, flip_vertical = (1.0,), False, False
+    scales = (scales,) if isinstance(scales, (int, float)) else tuple(scales)
+    return infer_logits(model, images, scales=scales, flip_horizontal=flip_horizontal,
+                        flip_vertical=flip_vertical, is_slide=is_slide, crop_size=crop_size, stride=stride)
+
+
+def evaluate(model, dataset, num_workers=0, save_json=None, **augment):
+    """Evaluate ``model`` on ``dataset`` (a PaddleSeg dataset in 'val' mode); log and return the metrics.
+
+    Predictions are mapped back to the label's resolution (undoing the val transforms)
+    before they are compared with it.
+    """
+    loader = paddle.io.DataLoader(EvalSamples(dataset), batch_size=1, num_workers=num_workers,
+                                  collate_fn=collate_one, return_list=True)
+    metrics = SegMetrics(dataset.num_classes, getattr(dataset, 'ignore_index', 255),
+                         class_names=getattr(dataset, 'CLASS_NAMES', None))
+    model.eval()
+    logger.info("Start evaluating (total_samples: %d)...", len(dataset))
+    start = time.time()
+    with paddle.no_grad():
+        for image, label, trans_info in loader:
+            logits = predict_logits(model, paddle.to_tensor(image), **augment)
+            logits = reverse_transform(logits, trans_info)
+            metrics.update(paddle.argmax(logits, axis=1).numpy(), label)
+    result = metrics.compute()
+    result['seconds'] = time.time() - start
+    logger.info("%s", format_report(result))
+    if save_json:
+        with open(save_json, 'w') as f:
+            json.dump(result, f, indent=2)
+    return result

@@ -1,0 +1,236 @@
+"""The training loop: PaddleSeg's config and components, a loop that works on Paddle 3.
+
+One call, ``train(cfg, ...)``, runs single-process or data-parallel (under
+``python -m paddle.distributed.launch``), on CPU or GPU, in fp32, fp16 or bf16.
+Checkpoints hold everything needed to continue exactly where a run stopped.
+"""
+import json
+import math
+import os
+import random
+import shutil
+import time
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+
+from emanet.checkpoint import load_weights, read_state, save_state
+from emanet.config import Builder
+from emanet.engine.data import ResumableBatchSampler, TrainSamples
+from emanet.engine.evaluate import evaluate
+from emanet.logger import logger
+
+CHECKPOINT_PREFIX = 'iter_'
+STATE_FILE = 'train_state.json'
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def set_device(device):
+    """Select 'cpu' or 'gpu' (or 'gpu:1'); a GPU request on a CPU build of Paddle is one clear error."""
+    if device.startswith('gpu') and not paddle.is_compiled_with_cuda():
+        raise RuntimeError("--device gpu needs paddlepaddle-gpu; this Paddle is a CPU build "
+                           "(install paddlepaddle-gpu, or use --device cpu)")
+    if dist.get_world_size() > 1 and device == 'gpu':
+        device = f'gpu:{dist.ParallelEnv().device_id}'
+    paddle.set_device(device)
+    return device
+
+
+def amp_settings(precision, device):
+    """(auto_cast kwargs or None, needs a GradScaler) for --precision, refusing what Paddle can't do here."""
+    if precision == 'fp32':
+        return None, False
+    if precision not in ('fp16', 'bf16'):
+        raise ValueError(f"--precision must be fp32, fp16 or bf16, got '{precision}'")
+    if device.startswith('cpu'):
+        raise RuntimeError(f"--precision {precision} needs a GPU: Paddle's automatic mixed precision "
+                           "does nothing on CPU, use --precision fp32 there")
+    dtype = 'float16' if precision == 'fp16' else 'bfloat16'
+    return {'dtype': dtype}, precision == 'fp16'
+
+
+def find_latest_checkpoint(save_dir):
+    """The newest complete iter_N folder in save_dir, or None."""
+    if not os.path.isdir(save_dir):
+        return None
+    iters = [int(name[len(CHECKPOINT_PREFIX):]) for name in os.listdir(save_dir)
+             if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit()
+             and os.path.isfile(os.path.join(save_dir, name, STATE_FILE))]
+    return os.path.join(save_dir, f'{CHECKPOINT_PREFIX}{max(iters)}') if iters else None
+
+
+def save_checkpoint(folder, model, optimizer, state):
+    """Write model.pdparams, model.pdopt and train_state.json into ``folder`` atomically.
+
+    The files go to ``folder.part`` first; the rename to ``folder`` happens only once all
+    are written, so a crash leaves the previous checkpoint as the newest complete one.
+    """
+    partial = folder + '.part'
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    save_state(model.state_dict(), os.path.join(partial, 'model.pdparams'))
+    save_state(optimizer.state_dict(), os.path.join(partial, 'model.pdopt'))
+    with open(os.path.join(partial, STATE_FILE), 'w') as f:
+        json.dump(state, f, indent=2)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+
+
+def load_checkpoint(folder, model, optimizer):
+    """Restore model, optimizer (with its lr schedule) and EM bases; return the saved train state."""
+    state_file = os.path.join(folder, STATE_FILE)
+    if not os.path.isfile(state_file):
+        raise FileNotFoundError(f"{folder} is not a complete checkpoint (no {STATE_FILE})")
+    load_weights(model, os.path.join(folder, 'model.pdparams'))
+    optimizer.set_state_dict(read_state(os.path.join(folder, 'model.pdopt')))
+    with open(state_file) as f:
+        return json.load(f)
+
+
+def remove_old_checkpoints(save_dir, keep):
+    iters = sorted(int(name[len(CHECKPOINT_PREFIX):]) for name in os.listdir(save_dir)
+                   if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit())
+    for it in iters[:-keep] if keep > 0 else []:
+        shutil.rmtree(os.path.join(save_dir, f'{CHECKPOINT_PREFIX}{it}'), ignore_errors=True)
+
+
+def weighted_loss(losses, logits, label):
+    """Sum of coef_i * loss_i(logit_i, label), pairing the config's losses with the model's outputs."""
+    coefs, types = losses['coef'], losses['types']
+    if len(coefs) != len(logits):
+        raise ValueError(f"the model returns {len(logits)} outputs in training but loss.coef has "
+                         f"{len(coefs)} entries; give one coefficient per output")
+    parts = [coef * loss(logit, label) for coef, loss, logit in zip(coefs, types, logits)]
+    return sum(parts), parts
+
+
+def format_eta(seconds):
+    seconds = int(seconds)
+    return f'{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+def train(cfg, save_dir='output', device='cpu', num_workers=0, do_eval=False, use_vdl=False,
+          resume_model=None, save_interval=1000, log_iters=10, keep_checkpoint_max=5, seed=None,
+          precision='fp32', amp_level='O1', eval_kwargs=None):
+    """Train the model of a loaded config (``emanet.config.load_config``) and return the final model.
+
+    Checkpoints land in ``save_dir/iter_N`` every ``save_interval`` iterations (and at the
+    end); with ``do_eval`` each is evaluated and the best by mIoU is copied to
+    ``save_dir/best_model``. ``resume_model`` is an iter_N folder, or 'latest'.
+    """
+    device = set_device(device)
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    if world_size > 1:
+        dist.init_parallel_env()
+    autocast, use_scaler = amp_settings(precision, device)
+
+    builder = Builder(cfg)
+    model = builder.model
+    train_dataset = builder.train_dataset
+    val_dataset = builder.val_dataset if do_eval else None
+    losses = builder.loss
+    optimizer = builder.optimizer
+    lr_scheduler = builder.lr_scheduler
+    total_iters, batch_size = cfg.iters, cfg.batch_size
+
+    start_iter, best = 0, {'miou': -1.0, 'iter': -1}
+    if resume_model == 'latest':
+        resume_model = find_latest_checkpoint(save_dir)
+    if resume_model:
+        state = load_checkpoint(resume_model, model, optimizer)
+        start_iter, seed, best = state['iter'], state['seed'], state['best']
+        logger.info("Resumed from %s: continuing at iteration %d", resume_model, start_iter + 1)
+    if seed is None:
+        seed = random.SystemRandom().randrange(2 ** 31)
+    if world_size > 1 and device.startswith('gpu'):
+        model = paddle.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if autocast is not None and amp_level == 'O2':
+        model, optimizer = paddle.amp.decorate(models=model, optimizers=optimizer, level='O2',
+                                               dtype=autocast['dtype'])
+    scaler = paddle.amp.GradScaler(init_loss_scaling=1024) if use_scaler else None
+    trained_model = paddle.DataParallel(model) if world_size > 1 else model
+
+    sampler = ResumableBatchSampler(len(train_dataset), batch_size, total_iters, seed,
+                                    start_iter=start_iter, rank=rank, world_size=world_size)
+    loader = paddle.io.DataLoader(TrainSamples(train_dataset, seed), batch_sampler=sampler,
+                                  num_workers=num_workers, return_list=True,
+                                  persistent_workers=num_workers > 0)
+    writer = None
+    if use_vdl and rank == 0:
+        from visualdl import LogWriter
+        writer = LogWriter(save_dir)
+    os.makedirs(save_dir, exist_ok=True)
+
+    logger.info("Training %s for %d iterations (%d images, batch %d x %d processes) on %s, %s, seed %d",
+                type(model).__name__, total_iters, len(train_dataset), batch_size, world_size,
+                device, precision, seed)
+    model.train()
+    window = {'loss': 0.0, 'batch': 0.0, 'reader': 0.0, 'n': 0}
+    tic = time.time()
+    for iteration, (images, labels) in enumerate(loader, start=start_iter + 1):
+        reader_cost = time.time() - tic
+        paddle.seed(seed + iteration)  # dropout masks depend on the iteration only, for exact resume
+        if autocast is not None:
+            with paddle.amp.auto_cast(level=amp_level, **autocast):
+                logits = trained_model(images)
+        else:
+            logits = trained_model(images)
+        loss, _ = weighted_loss(losses, logits, labels)
+        loss_value = float(loss)
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(f"loss is {loss_value} at iteration {iteration}; stopped. The last "
+                                   f"good checkpoint is {find_latest_checkpoint(save_dir) or 'none'}")
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        optimizer.clear_grad()
+        lr = optimizer.get_lr()
+        lr_scheduler.step()
+
+        window['loss'] += loss_value
+        window['reader'] += reader_cost
+        window['batch'] += time.time() - tic
+        window['n'] += 1
+        if iteration % log_iters == 0 or iteration == total_iters:
+            n = window['n']
+            batch_cost = window['batch'] / n
+            logger.info("[TRAIN] epoch: %d, iter: %d/%d, loss: %.4f, lr: %.6f, batch_cost: %.4f, "
+                        "reader_cost: %.5f, ips: %.4f samples/sec | ETA %s",
+                        sampler.epoch_of(iteration - 1) + 1, iteration, total_iters, window['loss'] / n,
+                        lr, batch_cost, window['reader'] / n, batch_size * world_size / batch_cost,
+                        format_eta(batch_cost * (total_iters - iteration)))
+            if writer is not None:
+                writer.add_scalar('Train/loss', window['loss'] / n, iteration)
+                writer.add_scalar('Train/lr', lr, iteration)
+                writer.add_scalar('Train/batch_cost', batch_cost, iteration)
+            window = {'loss': 0.0, 'batch': 0.0, 'reader': 0.0, 'n': 0}
+
+        if (iteration % save_interval == 0 or iteration == total_iters) and rank == 0:
+            if do_eval:
+                result = evaluate(model, val_dataset, num_workers=num_workers, **(eval_kwargs or {}))
+                model.train()
+                if writer is not None:
+                    writer.add_scalar('Evaluate/mIoU', result['miou'], iteration)
+                    writer.add_scalar('Evaluate/Acc', result['acc'], iteration)
+                if result['miou'] > best['miou']:
+                    best = {'miou': result['miou'], 'iter': iteration}
+                    best_dir = os.path.join(save_dir, 'best_model')
+                    save_checkpoint(best_dir, model, optimizer, {'iter': iteration, 'seed': seed, 'best': best})
+                logger.info("[EVAL] The model with the best validation mIoU (%.4f) was saved at iter %d.",
+                            best['miou'], best['iter'])
+            folder = os.path.join(save_dir, f'{CHECKPOINT_PREFIX}{iteration}')
+            save_checkpoint(folder, model, optimizer, {'iter': iteration, 'seed': seed, 'best': best})
+            remove_old_checkpoints(save_dir, keep_checkpoint_max)
+        tic = time.time()
+
+    if writer is not None:
+        writer.close()
+    return model

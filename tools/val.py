@@ -1,0 +1,32 @@
+"""Evaluate a model: python tools/val.py --config CFG --model_path PATH_OR_URL [--aug_eval --flip_horizontal ...]"""
+import argparse
+
+from emanet.cli import add_augment_flags, augment_flags, load_config_from_args, run_cli
+from emanet.config import Builder, build_model
+from emanet.engine.evaluate import augment_options, evaluate
+from emanet.engine.trainer import set_device
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument('--config', required=True, help='YAML config file')
+    parser.add_argument('--model_path', required=True, help='model.pdparams file or URL')
+    parser.add_argument('--device', default='cpu', choices=['cpu', 'gpu'])
+    parser.add_argument('--num_workers', type=int, default=0, help='data loader processes')
+    parser.add_argument('--save_json', help='also write the metrics to this JSON file')
+    parser.add_argument('--opts', nargs='+', default=None, help='config overrides key=value')
+    add_augment_flags(parser)
+    return parser.parse_args(argv)
+
+
+def main(args):
+    set_device(args.device)
+    cfg = load_config_from_args(args)
+    model = build_model(cfg, weights=args.model_path)
+    dataset = Builder(cfg).val_dataset
+    evaluate(model, dataset, num_workers=args.num_workers, save_json=args.save_json,
+             **augment_options(cfg.test_config, **augment_flags(args)))
+
+
+if __name__ == '__main__':
+    run_cli(main, parse_args())
