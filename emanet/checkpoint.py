@@ -125,3 +125,33 @@ def _describe(missing, unexpected, mismatched, limit=8):
             parts.append(f"{label}: {shown}")
     return '; '.join(parts)
 
+
+
+def _rename_accumulators(state, renames):
+    """Rename optimizer keys '<param name>_<accumulator>' by the param-name mapping ``renames``."""
+    renamed = {}
+    for key, value in state.items():
+        new_key = key
+        if isinstance(key, str):
+            for cut in range(len(key)):
+                if key[cut] == '_' and key[:cut] in renames:
+                    new_key = renames[key[:cut]] + key[cut:]
+                    break
+        renamed[new_key] = value
+    return renamed
+
+
+def optimizer_state_by_structure(model, optimizer):
+    """The optimizer's state with accumulators keyed by structured names ('head.cls.1.weight_velocity_0').
+
+    Paddle keys them by generated tensor names ('conv2d_62.w_0_velocity_0') that change with the
+    order layers are built in; structured names load into any process that builds the same model.
+    """
+    renames = {param.name: name for name, param in model.named_parameters()}
+    return _rename_accumulators(optimizer.state_dict(), renames)
+
+
+def load_optimizer_state(model, optimizer, state):
+    """Inverse of ``optimizer_state_by_structure``: restore accumulators and the lr schedule."""
+    renames = {name: param.name for name, param in model.named_parameters()}
+    optimizer.set_state_dict(_rename_accumulators(state, renames))

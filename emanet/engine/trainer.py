@@ -15,7 +15,8 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
-from emanet.checkpoint import load_weights, read_state, save_state
+from emanet.checkpoint import (load_optimizer_state, load_weights, optimizer_state_by_structure,
+                               read_state, save_state)
 from emanet.config import Builder
 from emanet.engine.data import ResumableBatchSampler, TrainSamples
 from emanet.engine.evaluate import evaluate
@@ -73,7 +74,7 @@ def save_checkpoint(folder, model, optimizer, state):
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
     save_state(model.state_dict(), os.path.join(partial, 'model.pdparams'))
-    save_state(optimizer.state_dict(), os.path.join(partial, 'model.pdopt'))
+    save_state(optimizer_state_by_structure(model, optimizer), os.path.join(partial, 'model.pdopt'))
     with open(os.path.join(partial, STATE_FILE), 'w') as f:
         json.dump(state, f, indent=2)
     shutil.rmtree(folder, ignore_errors=True)
@@ -86,7 +87,7 @@ def load_checkpoint(folder, model, optimizer):
     if not os.path.isfile(state_file):
         raise FileNotFoundError(f"{folder} is not a complete checkpoint (no {STATE_FILE})")
     load_weights(model, os.path.join(folder, 'model.pdparams'))
-    optimizer.set_state_dict(read_state(os.path.join(folder, 'model.pdopt')))
+    load_optimizer_state(model, optimizer, read_state(os.path.join(folder, 'model.pdopt')))
     with open(state_file) as f:
         return json.load(f)
 
@@ -165,9 +166,10 @@ def train(cfg, save_dir='output', device='cpu', num_workers=0, do_eval=False, us
         writer = LogWriter(save_dir)
     os.makedirs(save_dir, exist_ok=True)
 
-    logger.info("Training %s for %d iterations (%d images, batch %d x %d processes) on %s, %s, seed %d",
-                type(model).__name__, total_iters, len(train_dataset), batch_size, world_size,
-                device, precision, seed)
+    if rank == 0:
+        logger.info("Training %s for %d iterations (%d images, batch %d x %d processes) on %s, %s, seed %d",
+                    type(model).__name__, total_iters, len(train_dataset), batch_size, world_size,
+                    device, precision, seed)
     model.train()
     window = {'loss': 0.0, 'batch': 0.0, 'reader': 0.0, 'n': 0}
     tic = time.time()
@@ -199,7 +201,7 @@ def train(cfg, save_dir='output', device='cpu', num_workers=0, do_eval=False, us
         window['reader'] += reader_cost
         window['batch'] += time.time() - tic
         window['n'] += 1
-        if iteration % log_iters == 0 or iteration == total_iters:
+        if (iteration % log_iters == 0 or iteration == total_iters) and rank == 0:
             n = window['n']
             batch_cost = window['batch'] / n
             logger.info("[TRAIN] epoch: %d, iter: %d/%d, loss: %.4f, lr: %.6f, batch_cost: %.4f, "
