@@ -12,7 +12,7 @@ import pickle
 import numpy as np
 import paddle
 
-from emanet.download import cached_path, is_url
+from emanet.download import weights_path
 
 logger = logging.getLogger(__name__)  # a child of the "emanet" logger
 
@@ -100,8 +100,7 @@ def load_weights(model, path, strict=True):
     lists what is missing, unexpected, or of another shape. Without it, matching keys
     load and the rest are reported as a warning (for fine-tuning on other classes).
     """
-    local = cached_path(path) if is_url(path) else path
-    state = upgrade_legacy_keys(read_state(local), source=path)
+    state = upgrade_legacy_keys(read_state(weights_path(path)), source=path)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -110,10 +109,15 @@ def load_weights(model, path, strict=True):
     problems = _describe(missing, unexpected, mismatched)
     if problems and strict:
         raise CheckpointError(f"{path} does not fit {model.__class__.__name__}: {problems}")
+    bad = set(missing) | set(k.split(':')[0] for k in mismatched)
+    matching = {k: state[k] for k in expected if k not in bad}
+    if not matching:
+        raise CheckpointError(f"{path}: no weight fits {model.__class__.__name__} ({problems})")
     if problems:
         logger.warning("%s: loading the matching weights only; %s", path, problems)
-    bad = set(missing) | set(k.split(':')[0] for k in mismatched)
-    model.set_state_dict({k: state[k] for k in expected if k not in bad})
+    model.set_state_dict(matching)
+    logger.info("Loaded %d/%d weights of %s from %s", len(matching), len(expected),
+                model.__class__.__name__, path)
     return model
 
 

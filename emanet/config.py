@@ -6,9 +6,10 @@ with the closest known name, before any training time is spent.
 import difflib
 import inspect
 import os
+import re
 
 import yaml
-from paddleseg.cvlibs import Config, SegBuilder
+from paddleseg.cvlibs import Config, SegBuilder, manager
 
 from emanet.checkpoint import load_weights
 
@@ -44,6 +45,17 @@ def load_config(path, learning_rate=None, batch_size=None, iters=None, opts=None
     return cfg
 
 
+def _argument_names(component):
+    """Keyword arguments ``component`` accepts, or None when it takes any (**kwargs) or can't be read."""
+    try:
+        parameters = inspect.signature(component).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind == p.VAR_KEYWORD for p in parameters):
+        return None
+    return [p.name for p in parameters]
+
+
 class Builder(SegBuilder):
     """PaddleSeg's builder, with errors that name the config key and the closest known name."""
 
@@ -59,19 +71,34 @@ class Builder(SegBuilder):
         raise ConfigError(f"{self.path}: unknown type '{class_type}'{closest(class_type, known)}")
 
     def build_component_impl(self, component_class, *args, **kwargs):
+        name = component_class.__name__
+        known = _argument_names(component_class)
+        for key in kwargs:
+            if known is not None and key not in known:
+                raise ConfigError(f"{self.path}: {name} has no argument '{key}'{closest(key, known)}")
         try:
-            signature = inspect.signature(component_class)
-        except (TypeError, ValueError):
-            signature = None
-        takes_any = signature is None or any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
-        if not takes_any:
-            for key in kwargs:
-                if key not in signature.parameters:
-                    raise ConfigError(f"{self.path}: {component_class.__name__} has no argument '{key}'"
-                                      f"{closest(key, signature.parameters)}")
-        return component_class(*args, **kwargs)
+            return component_class(*args, **kwargs)
+        except TypeError as err:
+            # Factories such as ResNet18_vd(**args) pass their arguments on to a class.
+            match = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(err))
+            if not match:
+                raise
+            target = getattr(inspect.getmodule(component_class), match.group(1), None)
+            known = _argument_names(target) or ()
+            raise ConfigError(f"{self.path}: {name} has no argument '{match.group(2)}'"
+                              f"{closest(match.group(2), known)}") from None
 
     def build_component(self, cfg):
+        """Build as PaddleSeg does, but load a backbone's ``pretrained`` weights ourselves.
+
+        PaddleSeg's loader unpickles with ``paddle.load`` (which can run code) and gives
+        a raw traceback when a download fails; ours does neither.
+        """
+        pretrained = cfg.get('pretrained')
+        is_backbone = cfg.get('type') in manager.BACKBONES.components_dict
+        if is_backbone and pretrained:
+            backbone = self.build_component({**cfg, 'pretrained': None})
+            return load_weights(backbone, pretrained, strict=False)
         try:
             return super().build_component(cfg)
         except RuntimeError as err:

@@ -1,14 +1,23 @@
 """Download files once into a local cache, with a progress bar and a clear error offline."""
+import glob
 import hashlib
 import os
+import shutil
+import tarfile
 import tempfile
+import zipfile
 from urllib.parse import urlparse
 
 import requests
 from tqdm import tqdm
 
 CACHE_DIR = os.environ.get('EMANET_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'emanet'))
-TIMEOUT_SECONDS = 15
+ARCHIVE_SUFFIXES = ('.tar.gz', '.tgz', '.tar', '.zip')
+
+
+def timeout_seconds():
+    """Seconds to wait for a server to answer (EMANET_DOWNLOAD_TIMEOUT, default 15)."""
+    return float(os.environ.get('EMANET_DOWNLOAD_TIMEOUT', 15))
 
 
 class DownloadError(RuntimeError):
@@ -47,7 +56,7 @@ def cached_path(url, sha256=None, cache_dir=None):
 def _fetch(url, out):
     digest = hashlib.sha256()
     try:
-        with requests.get(url, stream=True, timeout=TIMEOUT_SECONDS) as response:
+        with requests.get(url, stream=True, timeout=timeout_seconds()) as response:
             response.raise_for_status()
             total = int(response.headers.get('content-length', 0)) or None
             with tqdm(total=total, unit='B', unit_scale=True, desc=os.path.basename(url)) as bar:
@@ -59,3 +68,30 @@ def _fetch(url, out):
         raise DownloadError(f"could not download {url}: {err.__class__.__name__}. "
                             f"Check the network, or download it by hand and pass the local path.") from None
     return digest.hexdigest()
+
+
+def weights_path(path):
+    """A local .pdparams file for ``path``: itself, or downloaded (and unpacked if an archive).
+
+    PaddleSeg publishes backbone weights as archives holding one ``.pdparams`` file.
+    """
+    if not is_url(path):
+        return path
+    local = cached_path(path)
+    if not local.endswith(ARCHIVE_SUFFIXES):
+        return local
+    unpacked = local + '.unpacked'
+    if not os.path.isdir(unpacked):
+        partial = unpacked + '.part'
+        shutil.rmtree(partial, ignore_errors=True)
+        if local.endswith('.zip'):
+            with zipfile.ZipFile(local) as archive:
+                archive.extractall(partial)
+        else:
+            with tarfile.open(local) as archive:
+                archive.extractall(partial, filter='data')
+        os.replace(partial, unpacked)
+    found = sorted(glob.glob(os.path.join(unpacked, '**', '*.pdparams'), recursive=True))
+    if not found:
+        raise DownloadError(f"{path}: the archive holds no .pdparams file")
+    return found[0]
