@@ -9,8 +9,11 @@ def register(registry, component):
 
 
 def register_all():
+    from emanet.data.cityscapes import Cityscapes, StreetScenes
     from emanet.engine.losses import CrossEntropyLoss, OhemCrossEntropyLoss
     from emanet.models import EMANet
     register(manager.MODELS, EMANet)
     register(manager.LOSSES, CrossEntropyLoss)
     register(manager.LOSSES, OhemCrossEntropyLoss)
+    register(manager.DATASETS, Cityscapes)
+    register(manager.DATASETS, StreetScenes)
