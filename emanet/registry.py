@@ -10,6 +10,7 @@ def register(registry, component):
 
 def register_all():
     from emanet.data.cityscapes import Cityscapes, StreetScenes
+    from emanet.data.voc import PascalVOC
     from emanet.engine.losses import CrossEntropyLoss, OhemCrossEntropyLoss
     from emanet.models import EMANet
     register(manager.MODELS, EMANet)
@@ -17,3 +18,4 @@ def register_all():
     register(manager.LOSSES, OhemCrossEntropyLoss)
     register(manager.DATASETS, Cityscapes)
     register(manager.DATASETS, StreetScenes)
+    register(manager.DATASETS, PascalVOC)
