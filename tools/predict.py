@@ -15,6 +15,8 @@ def parse_args(argv=None):
     parser.add_argument('--model_path', required=True, help='model.pdparams file or URL')
     parser.add_argument('--image_path', required=True, help='an image, a folder of images, or a list file')
     parser.add_argument('--save_dir', default='output/result', help='where the masks and overlays go')
+    parser.add_argument('--save_format', default='pseudo_color', choices=['pseudo_color', 'cityscapes'],
+                        help="'cityscapes': PNGs of official label ids for the Cityscapes evaluator/server")
     parser.add_argument('--device', default='cpu', choices=['cpu', 'gpu'])
     parser.add_argument('--opts', nargs='+', default=None, help='config overrides key=value')
     add_augment_flags(parser)
@@ -27,10 +29,13 @@ def main(args):
     model = build_model(cfg, weights=args.model_path)
     builder = Builder(cfg)
     count = predict(model, builder.val_transforms, args.image_path, args.save_dir,
-                    palette=getattr(builder.val_dataset_class, 'PALETTE', None),
+                    palette=getattr(builder.val_dataset_class, 'PALETTE', None), save_format=args.save_format,
                     **augment_options(cfg.test_config, **augment_flags(args)))
-    logger.info("Predicted %d images; masks in %s/pseudo_color_prediction, overlays in %s/added_prediction",
-                count, args.save_dir, args.save_dir)
+    if args.save_format == 'cityscapes':
+        logger.info("Predicted %d images; label-id PNGs in %s", count, args.save_dir)
+    else:
+        logger.info("Predicted %d images; masks in %s/pseudo_color_prediction, overlays in %s/added_prediction",
+                    count, args.save_dir, args.save_dir)
 
 
 if __name__ == '__main__':

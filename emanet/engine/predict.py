@@ -8,6 +8,7 @@ from paddleseg.transforms import Compose
 from paddleseg.utils.visualize import get_color_map_list, get_pseudo_color_map, visualize
 from tqdm import tqdm
 
+from emanet.data.cityscapes import TRAIN_ID_TO_ID
 from emanet.engine.evaluate import predict_logits
 from emanet.engine.inference import reverse_transform
 
@@ -54,11 +55,19 @@ def predict_label(model, transforms, image_path, **augment):
     return paddle.argmax(logits, axis=1)[0].numpy()
 
 
-def predict(model, transforms, image_path, save_dir, palette=None, **augment):
-    """Predict every image under ``image_path``; write pseudo-colour masks and overlays to ``save_dir``.
+SAVE_FORMATS = ('pseudo_color', 'cityscapes')
+
+
+def predict(model, transforms, image_path, save_dir, palette=None, save_format='pseudo_color', **augment):
+    """Predict every image under ``image_path`` and write the results to ``save_dir``.
 
     ``transforms`` is a list of PaddleSeg transforms (the config's val transforms).
+    ``save_format`` 'pseudo_color' writes coloured masks and overlays; 'cityscapes' writes
+    single-channel PNGs of official Cityscapes label ids, named after each image, as the
+    Cityscapes evaluation server and ``cityscapesscripts`` read them.
     """
+    if save_format not in SAVE_FORMATS:
+        raise ValueError(f"save_format must be one of {', '.join(SAVE_FORMATS)}, got '{save_format}'")
     paths, root = list_images(image_path)
     transforms = Compose(transforms)
     colors = color_map(palette)
@@ -67,6 +76,11 @@ def predict(model, transforms, image_path, save_dir, palette=None, **augment):
         for path in tqdm(paths, desc='predict', unit='image'):
             label = predict_label(model, transforms, path, **augment).astype(np.uint8)
             name = os.path.splitext(os.path.relpath(path, root))[0]
+            if save_format == 'cityscapes':
+                label_ids_path = os.path.join(save_dir, name + '.png')
+                os.makedirs(os.path.dirname(label_ids_path), exist_ok=True)
+                cv2.imwrite(label_ids_path, TRAIN_ID_TO_ID[label])
+                continue
             mask_path = os.path.join(save_dir, 'pseudo_color_prediction', name + '.png')
             overlay_path = os.path.join(save_dir, 'added_prediction', name + '.jpg')
             os.makedirs(os.path.dirname(mask_path), exist_ok=True)

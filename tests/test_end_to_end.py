@@ -1,0 +1,107 @@
+"""train -> val (flip, multi-scale, sliding window) -> predict, through the tools, on a Cityscapes-layout set."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import TOOLS
+from emanet.engine.cityscapes_eval import official_miou
+
+CONFIG = '''
+batch_size: 2
+iters: 8
+train_dataset:
+  type: StreetScenes
+  dataset_root: {root}
+  num_train: 8
+  num_val: 3
+  size: [128, 64]
+  mode: train
+  transforms:
+    - type: RandomHorizontalFlip
+    - type: Normalize
+val_dataset:
+  type: StreetScenes
+  dataset_root: {root}
+  num_train: 8
+  num_val: 3
+  size: [128, 64]
+  mode: val
+  transforms:
+    - type: Normalize
+optimizer: {{type: AdamW, weight_decay: 0.0001}}
+lr_scheduler: {{type: PolynomialDecay, learning_rate: 0.002, power: 0.9, end_lr: 0}}
+loss:
+  types: [{{type: CrossEntropyLoss}}]
+  coef: [1, 0.4]
+model:
+  type: EMANet
+  backbone: {{type: ResNet18_vd, output_stride: 8}}
+  num_classes: 19
+  ema_channels: 32
+  gc_channels: 16
+  num_bases: 8
+'''
+EVAL_LINE = re.compile(r'\[EVAL\] #Images: 3 mIoU: (0\.\d{4}) Acc: 0\.\d{4} Kappa: -?\d\.\d{4} Dice: 0\.\d{4}')
+
+
+def run_tool(name, *args):
+    result = subprocess.run([sys.executable, os.path.join(TOOLS, name), *map(str, args)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A config, its dataset root and a checkpoint after a short training run with evaluation."""
+    work = tmp_path_factory.mktemp('e2e')
+    config = work / 'config.yml'
+    config.write_text(CONFIG.format(root=work / 'scenes'))
+    out = run_tool('train.py', '--config', config, '--save_dir', work / 'out', '--do_eval',
+                   '--save_interval', 4, '--log_iters', 4, '--seed', 0)
+    assert re.search(r'\[TRAIN\] epoch: 2, iter: 8/8, loss: \d+\.\d{4}, lr: ', out)
+    assert len(EVAL_LINE.findall(out)) == 2
+    assert (work / 'out' / 'best_model' / 'model.pdparams').is_file()
+    return {'config': config, 'root': work / 'scenes', 'model': work / 'out' / 'iter_8' / 'model.pdparams',
+            'work': work}
+
+
+def test_val_with_flip_and_scales_and_with_sliding_window(trained):
+    out = run_tool('val.py', '--config', trained['config'], '--model_path', trained['model'],
+                   '--aug_eval', '--scales', 0.75, 1.0, '--flip_horizontal')
+    assert EVAL_LINE.search(out)
+    out = run_tool('val.py', '--config', trained['config'], '--model_path', trained['model'],
+                   '--is_slide', '--crop_size', 64, 64, '--stride', 48, 48)
+    assert EVAL_LINE.search(out)
+    assert re.search(r'^\s*0\s+road\s+\d\.\d{4}\s+', out, re.M)  # the per-class table names classes
+
+
+def test_predict_writes_a_mask_and_an_overlay_per_image(trained):
+    images = trained['root'] / 'leftImg8bit' / 'val'
+    save_dir = trained['work'] / 'predicted'
+    run_tool('predict.py', '--config', trained['config'], '--model_path', trained['model'],
+             '--image_path', images, '--save_dir', save_dir)
+    names = sorted(os.path.relpath(p, images)[:-4] for p in images.rglob('*.png'))
+    masks = sorted(os.path.relpath(p, save_dir / 'pseudo_color_prediction')[:-4]
+                   for p in (save_dir / 'pseudo_color_prediction').rglob('*.png'))
+    assert masks == names and len(names) == 3
+    mask = Image.open(save_dir / 'pseudo_color_prediction' / (names[0] + '.png'))
+    assert mask.mode == 'P' and mask.size == (128, 64)
+    assert (save_dir / 'added_prediction' / (names[0] + '.jpg')).is_file()
+
+
+def test_val_miou_equals_the_official_cityscapes_evaluator(trained):
+    metrics_file = trained['work'] / 'metrics.json'
+    run_tool('val.py', '--config', trained['config'], '--model_path', trained['model'],
+             '--save_json', metrics_file)
+    prediction_dir = trained['work'] / 'label_ids'
+    run_tool('predict.py', '--config', trained['config'], '--model_path', trained['model'],
+             '--image_path', trained['root'] / 'leftImg8bit' / 'val', '--save_dir', prediction_dir,
+             '--save_format', 'cityscapes')
+    ours = json.loads(metrics_file.read_text())['miou']
+    assert ours == pytest.approx(official_miou(prediction_dir, trained['root']), abs=1e-4)
