@@ -9,7 +9,8 @@ def register(registry, component):
 
 
 def register_all():
-    from emanet.data.cityscapes import Cityscapes, StreetScenes
+    from emanet.data.cityscapes import Cityscapes
+    from emanet.data.synthetic import StreetScenes
     from emanet.data.voc import PascalVOC
     from emanet.engine.losses import CrossEntropyLoss, OhemCrossEntropyLoss
     from emanet.models import EMANet

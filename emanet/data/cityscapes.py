@@ -3,21 +3,32 @@ import glob
 import os
 
 import numpy as np
+from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 from cityscapesscripts.helpers.labels import trainId2label
 from paddleseg.datasets import Dataset
 from paddleseg.transforms import Compose
 
-from emanet.data.synthetic import DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL, DEFAULT_SIZE, make_street_scenes
+from emanet.data.files import list_some
 
 IMAGE_SUFFIX = '_leftImg8bit.png'
 LABEL_SUFFIX = '_gtFine_labelTrainIds.png'
 MODES = ('train', 'val', 'test')
-# trainId -> official label id, for files the Cityscapes evaluator and server read.
-TRAIN_ID_TO_ID = np.zeros(256, np.uint8)
-for _train_id in range(19):
-    TRAIN_ID_TO_ID[_train_id] = trainId2label[_train_id].id
-# How many unpaired files an error message names before it only counts the rest.
-MAX_LISTED = 5
+
+
+def _label_tables():
+    """(official id -> trainId, 255 where ignored; trainId -> official id) as 256-entry lookup arrays."""
+    id_to_train_id = np.full(256, 255, np.uint8)
+    train_id_to_id = np.zeros(256, np.uint8)
+    for label in CITYSCAPES_LABELS:
+        if label.id >= 0:  # the license plate, id -1, never appears in label images
+            id_to_train_id[label.id] = label.trainId
+    for train_id in range(19):
+        train_id_to_id[train_id] = trainId2label[train_id].id
+    return id_to_train_id, train_id_to_id
+
+
+# For reading official *_labelIds.png, and for writing files the evaluator and server read.
+ID_TO_TRAIN_ID, TRAIN_ID_TO_ID = _label_tables()
 
 
 class Cityscapes(Dataset):
@@ -81,16 +92,15 @@ def pair_images_with_labels(dataset_root, mode, labels_required=True):
     if labels_required:
         unlabelled = [image for image in images if label_of[image] not in labels]
         if unlabelled:
-            raise FileNotFoundError(_list_unpaired(
-                f'{len(unlabelled)} of {len(images)} images in {image_dir} have no label',
-                [f'no label for {image} (expected {label_of[image]})' for image in unlabelled]))
+            problems = [f'no label for {image} (expected {label_of[image]})' for image in unlabelled]
+            raise FileNotFoundError(f'{len(unlabelled)} of {len(images)} images in {image_dir} have no label: '
+                                    f'{list_some(problems)}.')
         orphans = sorted(labels - set(label_of.values()))
         if orphans:
-            raise FileNotFoundError(_list_unpaired(
-                f'{len(orphans)} labels in {label_dir} have no image',
-                [f'no image for {label} '
-                 f'(expected {_counterpart(label, label_dir, LABEL_SUFFIX, image_dir, IMAGE_SUFFIX)})'
-                 for label in orphans]))
+            problems = [f'no image for {label} '
+                        f'(expected {_counterpart(label, label_dir, LABEL_SUFFIX, image_dir, IMAGE_SUFFIX)})'
+                        for label in orphans]
+            raise FileNotFoundError(f'{len(orphans)} labels in {label_dir} have no image: {list_some(problems)}.')
     return [[image, label_of[image] if label_of[image] in labels else None] for image in images]
 
 
@@ -98,23 +108,3 @@ def _counterpart(path, folder, suffix, other_folder, other_suffix):
     """The path of the file in ``other_folder`` with the same city and stem as ``path``."""
     city, name = os.path.split(os.path.relpath(path, folder))
     return os.path.join(other_folder, city, name[:-len(suffix)] + other_suffix)
-
-
-def _list_unpaired(summary, problems):
-    listed = '; '.join(problems[:MAX_LISTED])
-    more = f'; and {len(problems) - MAX_LISTED} more' if len(problems) > MAX_LISTED else ''
-    return f'{summary}: {listed}{more}.'
-
-
-class StreetScenes(Cityscapes):
-    """The quick-start dataset: street scenes drawn into ``dataset_root`` on first use, read as Cityscapes.
-
-    Args:
-        transforms, dataset_root, mode, edge: as ``Cityscapes``.
-        num_train, num_val, size, seed: passed to ``emanet.data.synthetic.make_street_scenes``.
-    """
-
-    def __init__(self, transforms, dataset_root='data/street_scenes', mode='train', edge=False,
-                 num_train=DEFAULT_NUM_TRAIN, num_val=DEFAULT_NUM_VAL, size=DEFAULT_SIZE, seed=0):
-        make_street_scenes(dataset_root, num_train=num_train, num_val=num_val, size=tuple(size), seed=seed)
-        super().__init__(transforms, dataset_root, mode=mode, edge=edge)

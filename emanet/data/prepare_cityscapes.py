@@ -11,20 +11,17 @@ Both routes use the official label table of ``cityscapesscripts`` and give the s
 PNGs are drawn from the polygons in the same order), so mapping the PNGs, which is faster, is the
 default. The writing helpers here are shared with ``emanet.data.prepare_voc``.
 """
-import contextlib
 import glob
 import os
-from concurrent.futures import ProcessPoolExecutor
 from typing import NamedTuple
 
 import cv2
 import numpy as np
 from cityscapesscripts.helpers.annotation import Annotation
 from cityscapesscripts.preparation.json2labelImg import createLabelImage
-from tqdm import tqdm
 
-from emanet.data.cityscapes import LABEL_SUFFIX
-from emanet.data.synthetic import ID_TO_TRAIN_ID
+from emanet.data.cityscapes import ID_TO_TRAIN_ID, LABEL_SUFFIX
+from emanet.data.files import convert_all, is_up_to_date, write_png_atomically
 
 LABEL_IDS_SUFFIX = '_gtFine_labelIds.png'
 POLYGONS_SUFFIX = '_gtFine_polygons.json'
@@ -103,45 +100,3 @@ def _render_polygons(path):
         return np.asarray(createLabelImage(annotation, 'trainIds'))
     except SystemExit:  # cityscapesscripts ends the process on a label missing from its table
         raise ValueError(f'{path} has a polygon whose label is not in the Cityscapes label table.') from None
-
-
-def convert_all(convert, tasks, workers=None, description=None):
-    """Run ``convert(task)`` for every task in ``workers`` processes, with a progress bar.
-
-    ``convert`` returns whether it wrote its output (False: already up to date).
-
-    Returns: (number written, number skipped).
-    """
-    workers = workers or min(4, os.cpu_count() or 1)
-    written = 0
-    with tqdm(total=len(tasks), desc=description, unit='file') as progress, contextlib.ExitStack() as stack:
-        if workers == 1:
-            results = map(convert, tasks)
-        else:
-            # cv2's own threads would compete with the worker processes for the same cores.
-            pool = stack.enter_context(ProcessPoolExecutor(workers, initializer=cv2.setNumThreads, initargs=(1,)))
-            results = pool.map(convert, tasks, chunksize=max(1, min(32, len(tasks) // (4 * workers))))
-        for was_written in results:
-            written += was_written
-            progress.update()
-    return written, len(tasks) - written
-
-
-def is_up_to_date(output_path, input_path):
-    return os.path.exists(output_path) and os.path.getmtime(output_path) >= os.path.getmtime(input_path)
-
-
-def write_png_atomically(path, array):
-    """Write ``array`` as a PNG under a temporary name, then rename it: no reader ever sees half a file."""
-    encoded, png = cv2.imencode('.png', array)
-    if not encoded:
-        raise ValueError(f'could not encode a PNG of shape {array.shape} and dtype {array.dtype} for {path}.')
-    partial_path = path + '.part'
-    try:
-        with open(partial_path, 'wb') as partial:
-            partial.write(png.tobytes())
-        os.replace(partial_path, path)
-    except BaseException:  # also Ctrl-C: leave neither the output nor the partial file behind
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(partial_path)
-        raise

@@ -20,8 +20,7 @@ import numpy as np
 from PIL import Image
 from scipy.io import loadmat
 
-from emanet.data.cityscapes import MAX_LISTED
-from emanet.data.prepare_cityscapes import convert_all, is_up_to_date, write_png_atomically
+from emanet.data.files import convert_all, is_up_to_date, require_files, write_png_atomically
 from emanet.logger import logger
 
 VOC_URL = 'http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar'
@@ -102,15 +101,6 @@ def read_names(list_path):
         raise FileNotFoundError(f'list file {list_path} is missing.')
     with open(list_path) as names:
         return [line.strip() for line in names if line.strip()]
-
-
-def require_files(paths, description):
-    """Raise one error naming up to MAX_LISTED of ``paths`` that are not files, and their count."""
-    missing = [path for path in paths if not os.path.isfile(path)]
-    if missing:
-        listed = ', '.join(missing[:MAX_LISTED])
-        more = f' and {len(missing) - MAX_LISTED} more' if len(missing) > MAX_LISTED else ''
-        raise FileNotFoundError(f'{len(missing)} of {len(paths)} {description} are missing: {listed}{more}.')
 
 
 def _write_class_indices(task):

@@ -21,13 +21,13 @@ the same on every machine and whatever the number of worker processes.
 import json
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 
 import cv2
 import numpy as np
-from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 from cityscapesscripts.helpers.labels import name2label
-from tqdm import tqdm
+
+from emanet.data.cityscapes import ID_TO_TRAIN_ID, Cityscapes
+from emanet.data.files import convert_all
 
 # The Cityscapes classes the scenes contain; the label maps keep the full 19-class trainId space.
 SCENE_CLASSES = ('road', 'sidewalk', 'building', 'vegetation', 'sky', 'person', 'car')
@@ -49,16 +49,6 @@ SPLIT_SEEDS = {'train': 0, 'val': 1}
 ANNOTATED_FRAME = 19
 
 
-def _train_id_lookup():
-    """A table mapping each official label id to its trainId (255: ignored)."""
-    table = np.full(256, 255, np.uint8)
-    for label in CITYSCAPES_LABELS:
-        if label.id >= 0:  # the license plate, id -1, is never drawn
-            table[label.id] = label.trainId
-    return table
-
-
-ID_TO_TRAIN_ID = _train_id_lookup()
 
 BUILDING_COLOURS = ((150, 150, 150), (200, 190, 170), (150, 80, 60), (220, 220, 215), (110, 90, 80),
                     (180, 160, 120), (120, 130, 140))
@@ -101,16 +91,7 @@ def make_street_scenes(root, num_train=DEFAULT_NUM_TRAIN, num_val=DEFAULT_NUM_VA
 
     tasks = [(root, split, index, (width, height), seed)
              for split, count in (('train', num_train), ('val', num_val)) for index in range(count)]
-    workers = workers or min(4, os.cpu_count() or 1)
-    with tqdm(total=len(tasks), desc='drawing street scenes', unit='img') as progress:
-        if workers == 1:
-            for task in tasks:
-                _write_scene(task)
-                progress.update()
-        else:
-            with ProcessPoolExecutor(workers, initializer=cv2.setNumThreads, initargs=(1,)) as pool:
-                for _ in pool.map(_write_scene, tasks, chunksize=8):
-                    progress.update()
+    convert_all(_write_scene, tasks, workers, 'drawing street scenes')
 
     with open(marker + '.part', 'w') as out:
         json.dump(parameters, out)
@@ -165,6 +146,7 @@ def _write_scene(task):
     cv2.imwrite(os.path.join(label_dir, f'{stem}_gtFine_labelIds.png'), ids)
     cv2.imwrite(os.path.join(label_dir, f'{stem}_gtFine_labelTrainIds.png'), ID_TO_TRAIN_ID[ids])
     cv2.imwrite(os.path.join(label_dir, f'{stem}_gtFine_instanceIds.png'), instances)
+    return True  # written, for convert_all's count
 
 
 class _Scene:
@@ -537,3 +519,17 @@ def _fill_rounded_rectangle(mask, left, top, right, bottom, radius):
     for x, y in ((left + radius, top + radius), (right - radius, top + radius),
                  (left + radius, bottom - radius), (right - radius, bottom - radius)):
         cv2.circle(mask, (x, y), radius, 1, -1)
+
+
+class StreetScenes(Cityscapes):
+    """The quick-start dataset: street scenes drawn into ``dataset_root`` on first use, read as Cityscapes.
+
+    Args:
+        transforms, dataset_root, mode, edge: as ``Cityscapes``.
+        num_train, num_val, size, seed: passed to ``emanet.data.synthetic.make_street_scenes``.
+    """
+
+    def __init__(self, transforms, dataset_root='data/street_scenes', mode='train', edge=False,
+                 num_train=DEFAULT_NUM_TRAIN, num_val=DEFAULT_NUM_VAL, size=DEFAULT_SIZE, seed=0):
+        make_street_scenes(dataset_root, num_train=num_train, num_val=num_val, size=tuple(size), seed=seed)
+        super().__init__(transforms, dataset_root, mode=mode, edge=edge)

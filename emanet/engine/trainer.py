@@ -11,7 +11,6 @@ import random
 import shutil
 import time
 
-import numpy as np
 import paddle
 import paddle.distributed as dist
 
