@@ -102,13 +102,14 @@ class Builder(SegBuilder):
         try:
             return super().build_component(cfg)
         except RuntimeError as err:
-            # PaddleSeg wraps errors from deeper components; keep ours as they are.
-            cause = err.__context__
-            while cause is not None:
-                if isinstance(cause, ConfigError):
-                    raise cause from None
-                cause = cause.__context__
-            raise
+            # PaddleSeg wraps every error of a component in "Tried to create a X object ...";
+            # raise the original one, which names the file or value at fault.
+            original = err
+            while original.__context__ is not None and str(original).startswith('Tried to create'):
+                original = original.__context__
+            if original is err:
+                raise
+            raise original from None
 
 
 def build_model(cfg, weights=None):

@@ -10,6 +10,7 @@ def register(registry, component):
 
 def register_all():
     from emanet.data.cityscapes import Cityscapes
+    from emanet.data.dataset import Dataset
     from emanet.data.synthetic import StreetScenes
     from emanet.data.voc import PascalVOC
     from emanet.engine.losses import CrossEntropyLoss, OhemCrossEntropyLoss
@@ -17,6 +18,7 @@ def register_all():
     register(manager.MODELS, EMANet)
     register(manager.LOSSES, CrossEntropyLoss)
     register(manager.LOSSES, OhemCrossEntropyLoss)
+    register(manager.DATASETS, Dataset)
     register(manager.DATASETS, Cityscapes)
     register(manager.DATASETS, StreetScenes)
     register(manager.DATASETS, PascalVOC)

@@ -8,6 +8,7 @@ import random
 
 import numpy as np
 import paddle
+from PIL import Image
 
 
 def _mix(*values):
@@ -56,6 +57,63 @@ class ResumableBatchSampler(paddle.io.BatchSampler):
         return self.total_iters - self.start_iter
 
 
+class SampleError(RuntimeError):
+    """An image or label that cannot be used; the message names the files.
+
+    Policy: training and evaluation stop at the first such sample rather than skip it, since
+    skipping would silently change the data (and break exact resuming). Fix or remove the file
+    and continue with ``--resume_model latest``: at most one save interval is lost.
+    """
+
+
+def load_sample(dataset, index):
+    """``dataset[index]``, with unreadable files and image/label size mismatches named in one error."""
+    image_path, label_path = dataset.file_list[index][:2]
+    files = image_path if label_path is None else f"{image_path} (label {label_path})"
+    try:
+        if label_path is not None:
+            with Image.open(image_path) as image, Image.open(label_path) as label:
+                if image.size != label.size:
+                    raise SampleError(f"{files}: the image is {image.size[0]}x{image.size[1]} "
+                                      f"but its label is {label.size[0]}x{label.size[1]}")
+        return dataset[index]
+    except SampleError:
+        raise
+    except AttributeError:  # PaddleSeg calls .astype on what cv2.imread returned: None
+        raise SampleError(f"{files}: the image cannot be decoded (corrupt, or not an image)") from None
+    except Exception as err:
+        raise SampleError(f"{files}: cannot be read ({err.__class__.__name__}: {err})") from None
+
+
+# Paddle's DataLoader cannot carry an exception out of its reader: with num_workers=0 the
+# main thread then waits forever, with workers it raises a SystemError without the message.
+# So a bad sample travels as data: a one-element "image" (no real image is 1-D) and its
+# message as uint8 bytes. (Zero-size arrays cannot cross the workers' shared memory.)
+def _error_sample(err):
+    return np.zeros(1, 'float32'), np.frombuffer(str(err).encode(), np.uint8).copy()
+
+
+def _is_error(images):
+    return len(images.shape) == 1
+
+
+def raise_if_error(images, second):
+    """Raise the SampleError a loader worker packed into a batch (see ``_error_sample``)."""
+    if _is_error(images):
+        raise SampleError(bytes(np.asarray(second).astype(np.uint8)).decode())
+
+
+def check_label_range(label, dataset, index):
+    num_classes = dataset.num_classes
+    ignore_index = getattr(dataset, 'ignore_index', 255)
+    bad = (label >= num_classes) | (label < 0)
+    bad &= label != ignore_index
+    if bad.any():
+        values = sorted(set(np.unique(label[bad]).tolist()))[:5]
+        raise SampleError(f"{dataset.file_list[index][1]}: label values {values} are outside "
+                          f"[0, {num_classes}) and are not the ignore index {ignore_index}")
+
+
 class TrainSamples(paddle.io.Dataset):
     """(image, label) pairs from a PaddleSeg dataset, with augmentation seeded per (seed, epoch, index).
 
@@ -72,24 +130,24 @@ class TrainSamples(paddle.io.Dataset):
         sample_seed = _mix(self.seed, epoch, index)
         np.random.seed(sample_seed)
         random.seed(sample_seed)
-        data = self.dataset[index]
-        label = data['label'].astype('int64')
-        check_label_range(label, self.dataset, index)
+        try:
+            data = load_sample(self.dataset, index)
+            label = data['label'].astype('int64')
+            check_label_range(label, self.dataset, index)
+        except SampleError as err:
+            return _error_sample(err)
         return data['img'].astype('float32'), label
 
     def __len__(self):
         return len(self.dataset)
 
 
-def check_label_range(label, dataset, index):
-    num_classes = dataset.num_classes
-    ignore_index = getattr(dataset, 'ignore_index', 255)
-    bad = (label >= num_classes) | (label < 0)
-    bad &= label != ignore_index
-    if bad.any():
-        values = sorted(set(np.unique(label[bad]).tolist()))[:5]
-        raise ValueError(f"{dataset.file_list[index][1]}: label values {values} are outside "
-                         f"[0, {num_classes}) and are not the ignore index {ignore_index}")
+def collate_train(samples):
+    """Stack (image, label) samples into a batch; a bad sample makes the whole batch its error."""
+    for image, label in samples:
+        if _is_error(image):
+            return image, label
+    return np.stack([s[0] for s in samples]), np.stack([s[1] for s in samples])
 
 
 class EvalSamples(paddle.io.Dataset):
@@ -99,10 +157,13 @@ class EvalSamples(paddle.io.Dataset):
         self.dataset = dataset
 
     def __getitem__(self, index):
-        data = self.dataset[index]
-        label = data['label'].astype('int64')
-        label = label.reshape(label.shape[-2:])  # PaddleSeg gives val labels as [1, H, W]
-        check_label_range(label, self.dataset, index)
+        try:
+            data = load_sample(self.dataset, index)
+            label = data['label'].astype('int64')
+            label = label.reshape(label.shape[-2:])  # PaddleSeg gives val labels as [1, H, W]
+            check_label_range(label, self.dataset, index)
+        except SampleError as err:
+            return (*_error_sample(err), [])
         return data['img'].astype('float32'), label, data.get('trans_info', [])
 
     def __len__(self):
@@ -110,6 +171,8 @@ class EvalSamples(paddle.io.Dataset):
 
 
 def collate_one(batch):
-    """Batch of one evaluation sample: tensors get a batch axis, trans_info stays as PaddleSeg wrote it."""
+    """Batch of one evaluation sample: arrays get a batch axis, trans_info stays as PaddleSeg wrote it."""
     (image, label, trans_info), = batch
+    if _is_error(image):
+        return image, label, trans_info
     return image[None], label[None], trans_info

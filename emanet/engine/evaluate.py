@@ -4,7 +4,7 @@ import time
 
 import paddle
 
-from emanet.engine.data import EvalSamples, collate_one
+from emanet.engine.data import EvalSamples, collate_one, raise_if_error
 from emanet.engine.inference import infer_logits, reverse_transform
 from emanet.engine.metrics import SegMetrics, format_report
 from emanet.logger import logger
@@ -48,6 +48,7 @@ def evaluate(model, dataset, num_workers=0, save_json=None, **augment):
     start = time.time()
     with paddle.no_grad():
         for image, label, trans_info in loader:
+            raise_if_error(image, label)
             logits = predict_logits(model, paddle.to_tensor(image), **augment)
             logits = reverse_transform(logits, trans_info)
             metrics.update(paddle.argmax(logits, axis=1).numpy(), label)

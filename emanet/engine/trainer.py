@@ -17,7 +17,7 @@ import paddle.distributed as dist
 from emanet.checkpoint import (load_optimizer_state, load_weights, optimizer_state_by_structure,
                                read_state, save_state)
 from emanet.config import Builder
-from emanet.engine.data import ResumableBatchSampler, TrainSamples
+from emanet.engine.data import ResumableBatchSampler, TrainSamples, collate_train, raise_if_error
 from emanet.engine.evaluate import evaluate
 from emanet.logger import logger
 
@@ -76,8 +76,12 @@ def save_checkpoint(folder, model, optimizer, state):
     save_state(optimizer_state_by_structure(model, optimizer), os.path.join(partial, 'model.pdopt'))
     with open(os.path.join(partial, STATE_FILE), 'w') as f:
         json.dump(state, f, indent=2)
-    shutil.rmtree(folder, ignore_errors=True)
+    previous = folder + '.old'
+    if os.path.isdir(folder):
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(folder, previous)
     os.replace(partial, folder)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def load_checkpoint(folder, model, optimizer):
@@ -157,7 +161,7 @@ def train(cfg, save_dir='output', device='cpu', num_workers=0, do_eval=False, us
     sampler = ResumableBatchSampler(len(train_dataset), batch_size, total_iters, seed,
                                     start_iter=start_iter, rank=rank, world_size=world_size)
     loader = paddle.io.DataLoader(TrainSamples(train_dataset, seed), batch_sampler=sampler,
-                                  num_workers=num_workers, return_list=True,
+                                  collate_fn=collate_train, num_workers=num_workers, return_list=True,
                                   persistent_workers=num_workers > 0)
     writer = None
     if use_vdl and rank == 0:
@@ -174,6 +178,7 @@ def train(cfg, save_dir='output', device='cpu', num_workers=0, do_eval=False, us
     tic = time.time()
     for iteration, (images, labels) in enumerate(loader, start=start_iter + 1):
         reader_cost = time.time() - tic
+        raise_if_error(images, labels)
         paddle.seed(seed + iteration)  # dropout masks depend on the iteration only, for exact resume
         if autocast is not None:
             with paddle.amp.auto_cast(level=amp_level, **autocast):
