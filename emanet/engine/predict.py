@@ -58,6 +58,17 @@ def predict_label(model, transforms, image_path, **augment):
 SAVE_FORMATS = ('pseudo_color', 'cityscapes')
 
 
+def save_pseudo_color(image_path, label, save_dir, name, colors):
+    """Write ``label`` [H, W] uint8 as save_dir/pseudo_color_prediction/<name>.png and its overlay
+    on the image as save_dir/added_prediction/<name>.jpg (PaddleSeg's folder names)."""
+    mask_path = os.path.join(save_dir, 'pseudo_color_prediction', name + '.png')
+    overlay_path = os.path.join(save_dir, 'added_prediction', name + '.jpg')
+    os.makedirs(os.path.dirname(mask_path), exist_ok=True)
+    os.makedirs(os.path.dirname(overlay_path), exist_ok=True)
+    get_pseudo_color_map(label, colors).save(mask_path)
+    cv2.imwrite(overlay_path, visualize(image_path, label, colors, weight=0.6))
+
+
 def predict(model, transforms, image_path, save_dir, palette=None, save_format='pseudo_color', **augment):
     """Predict every image under ``image_path`` and write the results to ``save_dir``.
 
@@ -81,10 +92,5 @@ def predict(model, transforms, image_path, save_dir, palette=None, save_format='
                 os.makedirs(os.path.dirname(label_ids_path), exist_ok=True)
                 cv2.imwrite(label_ids_path, TRAIN_ID_TO_ID[label])
                 continue
-            mask_path = os.path.join(save_dir, 'pseudo_color_prediction', name + '.png')
-            overlay_path = os.path.join(save_dir, 'added_prediction', name + '.jpg')
-            os.makedirs(os.path.dirname(mask_path), exist_ok=True)
-            os.makedirs(os.path.dirname(overlay_path), exist_ok=True)
-            get_pseudo_color_map(label, colors).save(mask_path)
-            cv2.imwrite(overlay_path, visualize(path, label, colors, weight=0.6))
+            save_pseudo_color(path, label, save_dir, name, colors)
     return len(paths)

@@ -63,6 +63,11 @@ class EMAHead(nn.Layer):
         return logits
 
 
+def resize_bilinear(logits, size, align_corners):
+    """Bilinear resize of logits [N, C, h, w] to ``size`` (H, W)."""
+    return F.interpolate(logits, size, mode='bilinear', align_corners=align_corners)
+
+
 class EMANet(nn.Layer):
     """Expectation-Maximization Attention Network (Li et al., ICCV 2019).
 
@@ -89,6 +94,9 @@ class EMANet(nn.Layer):
         self.head = EMAHead(num_classes, in_channels, ema_channels, gc_channels, num_bases,
                             stage_num, momentum, concat_input, enable_auxiliary_loss)
         self.align_corners = align_corners
+        # How logits reach the input size. emanet.deploy.export swaps in an equal matrix-product
+        # resize while it traces the model: Paddle 3.3's oneDNN inference cannot run bilinear_interp.
+        self.resize_logits = resize_bilinear
         self.pretrained = pretrained
         if pretrained is not None:
             from emanet.checkpoint import load_weights
@@ -98,5 +106,4 @@ class EMANet(nn.Layer):
         feats = self.backbone(x)
         logits = self.head([feats[i] for i in self.backbone_indices])
         size = paddle.shape(x)[2:]
-        return [F.interpolate(logit, size, mode='bilinear', align_corners=self.align_corners)
-                for logit in logits]
+        return [self.resize_logits(logit, size, self.align_corners) for logit in logits]

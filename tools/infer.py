@@ -1,0 +1,29 @@
+"""Segment images with an exported model: python tools/infer.py --config DIR/deploy.yaml --image_path IMG_OR_DIR"""
+import argparse
+
+from emanet.cli import run_cli
+from emanet.deploy.predictor import DEVICES, PRECISIONS, Predictor, predict_images
+from emanet.logger import logger
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument('--config', required=True, help='deploy.yaml written by tools/export.py, or its folder')
+    parser.add_argument('--image_path', required=True, help='an image, a folder of images, or a list file')
+    parser.add_argument('--save_dir', default='output/result', help='where the masks and overlays go')
+    parser.add_argument('--device', default='cpu', choices=DEVICES)
+    parser.add_argument('--precision', default='fp32', choices=PRECISIONS,
+                        help='bf16 on a CPU with AVX-512 (oneDNN), fp16 on GPU')
+    parser.add_argument('--cpu_threads', type=int, default=None, help='math threads on CPU; default every core')
+    return parser.parse_args(argv)
+
+
+def main(args):
+    predictor = Predictor(args.config, device=args.device, precision=args.precision, cpu_threads=args.cpu_threads)
+    count = predict_images(predictor, args.image_path, args.save_dir)
+    logger.info("Predicted %d images; masks in %s/pseudo_color_prediction, overlays in %s/added_prediction",
+                count, args.save_dir, args.save_dir)
+
+
+if __name__ == '__main__':
+    run_cli(main, parse_args())
