@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -105,3 +106,22 @@ def test_val_miou_equals_the_official_cityscapes_evaluator(trained):
              '--save_format', 'cityscapes')
     ours = json.loads(metrics_file.read_text())['miou']
     assert ours == pytest.approx(official_miou(prediction_dir, trained['root']), abs=1e-4)
+
+
+def test_export_then_infer_and_val_give_the_dygraph_results(trained):
+    work, images = trained['work'], trained['root'] / 'leftImg8bit' / 'val'
+    run_tool('export.py', '--config', trained['config'], '--model_path', trained['model'],
+             '--save_dir', work / 'exported')
+    run_tool('infer.py', '--config', work / 'exported' / 'deploy.yaml', '--image_path', images,
+             '--save_dir', work / 'inferred')
+    run_tool('predict.py', '--config', trained['config'], '--model_path', trained['model'],
+             '--image_path', images, '--save_dir', work / 'dygraph')
+    masks = sorted((work / 'dygraph' / 'pseudo_color_prediction').rglob('*.png'))
+    assert len(masks) == 3
+    for mask in masks:
+        inferred = work / 'inferred' / mask.relative_to(work / 'dygraph')
+        assert np.array_equal(np.asarray(Image.open(inferred)), np.asarray(Image.open(mask))), mask.name
+    dygraph = EVAL_LINE.search(run_tool('val.py', '--config', trained['config'], '--model_path', trained['model']))
+    exported = EVAL_LINE.search(run_tool('val.py', '--config', trained['config'],
+                                         '--model_path', work / 'exported'))
+    assert exported.group(0) == dygraph.group(0)

@@ -1,8 +1,15 @@
-"""Evaluate a model: python tools/val.py --config CFG --model_path PATH_OR_URL [--aug_eval --flip_horizontal ...]"""
+"""Evaluate a model: python tools/val.py --config CFG --model_path PATH_OR_URL [--aug_eval --flip_horizontal ...]
+
+--model_path may also be a folder written by tools/export.py: the exported model is then
+evaluated through Paddle Inference (oneDNN on CPU), with --precision fp32 or bf16.
+"""
+import os
+
 import argparse
 
 from emanet.cli import add_augment_flags, augment_flags, load_config_from_args, run_cli
 from emanet.config import Builder, build_model
+from emanet.deploy.predictor import Predictor, evaluate_predictor
 from emanet.engine.evaluate import augment_options, evaluate
 from emanet.engine.trainer import set_device
 
@@ -10,7 +17,10 @@ from emanet.engine.trainer import set_device
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('--config', required=True, help='YAML config file')
-    parser.add_argument('--model_path', required=True, help='model.pdparams file or URL')
+    parser.add_argument('--model_path', required=True,
+                        help='model.pdparams file or URL, or a folder written by tools/export.py')
+    parser.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'],
+                        help='for an exported model: bf16 on CPU (oneDNN), fp16 on GPU')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'gpu'])
     parser.add_argument('--num_workers', type=int, default=0, help='data loader processes')
     parser.add_argument('--save_json', help='also write the metrics to this JSON file')
@@ -22,6 +32,13 @@ def parse_args(argv=None):
 def main(args):
     set_device(args.device)
     cfg = load_config_from_args(args)
+    if os.path.isdir(args.model_path):
+        augment = {k: v for k, v in augment_flags(args).items() if v}
+        if augment:
+            raise ValueError(f"an exported model is evaluated as exported; drop {', '.join('--' + k for k in augment)}")
+        predictor = Predictor(args.model_path, device=args.device, precision=args.precision)
+        evaluate_predictor(predictor, Builder(cfg).val_dataset, save_json=args.save_json)
+        return
     model = build_model(cfg, weights=args.model_path)
     dataset = Builder(cfg).val_dataset
     evaluate(model, dataset, num_workers=args.num_workers, save_json=args.save_json,

@@ -8,10 +8,13 @@ from paddle import inference
 from paddle.base import core
 from paddleseg.cvlibs import manager
 from paddleseg.transforms import Compose
+from PIL import Image
 from tqdm import tqdm
 
 from emanet.deploy.export import read_deploy_config
+from emanet.engine.evaluate import report_metrics
 from emanet.engine.inference import reverse_transform
+from emanet.engine.metrics import SegMetrics
 from emanet.engine.predict import color_map, list_images, save_pseudo_color
 
 DEVICES = ('cpu', 'gpu')
@@ -157,3 +160,17 @@ def predict_images(predictor, image_path, save_dir):
         name = os.path.splitext(os.path.relpath(path, root))[0]
         save_pseudo_color(path, label, save_dir, name, colors)
     return len(paths)
+
+
+def evaluate_predictor(predictor, dataset, save_json=None):
+    """Metrics of an exported model on a PaddleSeg dataset in 'val' mode (its files, its labels).
+
+    The predictor preprocesses each image with the deploy config's transforms, so the
+    dataset's own transforms are not used; labels are compared at their original size.
+    """
+    metrics = SegMetrics(dataset.num_classes, getattr(dataset, 'ignore_index', 255),
+                         class_names=getattr(dataset, 'CLASS_NAMES', None))
+    for image_path, label_path in tqdm(dataset.file_list, desc='evaluate', unit='image'):
+        label = np.asarray(Image.open(label_path))
+        metrics.update(predictor.predict(image_path), label)
+    return report_metrics(metrics, save_json)

@@ -52,8 +52,12 @@ def evaluate(model, dataset, num_workers=0, save_json=None, **augment):
             logits = predict_logits(model, paddle.to_tensor(image), **augment)
             logits = reverse_transform(logits, trans_info)
             metrics.update(paddle.argmax(logits, axis=1).numpy(), label)
-    result = metrics.compute()
-    result['seconds'] = time.time() - start
+    return report_metrics(metrics, save_json, seconds=time.time() - start)
+
+
+def report_metrics(metrics, save_json=None, **extra):
+    """Compute, log (the grep-able [EVAL] line and the per-class table) and optionally save metrics."""
+    result = dict(metrics.compute(), **extra)
     logger.info("%s", format_report(result))
     if save_json:
         with open(save_json, 'w') as f:
