@@ -2,6 +2,7 @@
 import glob
 import hashlib
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -31,8 +32,10 @@ def is_url(path):
 def cached_path(url, sha256=None, cache_dir=None):
     """Return a local path for ``url``, downloading it on first use.
 
-    The file lands in a temporary file renamed only once complete (and checksummed
-    when ``sha256`` is given), so an interrupted download never leaves a half file.
+    The file lands in a temporary file renamed only once complete and verified: its size
+    against the server's Content-Length, its MD5 against the server's ETag where that is an
+    MD5 (object stores such as PaddleSeg's publish them so), and ``sha256`` when given.
+    An interrupted or corrupted download never leaves a file behind.
     """
     cache_dir = cache_dir or CACHE_DIR
     parts = urlparse(url)
@@ -43,9 +46,9 @@ def cached_path(url, sha256=None, cache_dir=None):
     fd, partial = tempfile.mkstemp(dir=os.path.dirname(target), suffix='.part')
     try:
         with os.fdopen(fd, 'wb') as out:
-            digest = _fetch(url, out)
-        if sha256 is not None and digest != sha256:
-            raise DownloadError(f"{url}: checksum mismatch (sha256 {digest}, expected {sha256})")
+            digests = _fetch(url, out)
+        if sha256 is not None and digests['sha256'] != sha256:
+            raise DownloadError(f"{url}: checksum mismatch (sha256 {digests['sha256']}, expected {sha256})")
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
@@ -54,20 +57,28 @@ def cached_path(url, sha256=None, cache_dir=None):
 
 
 def _fetch(url, out):
-    digest = hashlib.sha256()
+    """Stream ``url`` into ``out`` with a progress bar; return its sha256 and md5 hex digests."""
+    sha256, md5, size = hashlib.sha256(), hashlib.md5(), 0
     try:
         with requests.get(url, stream=True, timeout=timeout_seconds()) as response:
             response.raise_for_status()
-            total = int(response.headers.get('content-length', 0)) or None
-            with tqdm(total=total, unit='B', unit_scale=True, desc=os.path.basename(url)) as bar:
+            expected_size = int(response.headers.get('content-length', 0)) or None
+            etag = response.headers.get('etag', '').strip('"').lower()
+            with tqdm(total=expected_size, unit='B', unit_scale=True, desc=os.path.basename(url)) as bar:
                 for chunk in response.iter_content(chunk_size=1 << 20):
                     out.write(chunk)
-                    digest.update(chunk)
+                    sha256.update(chunk)
+                    md5.update(chunk)
+                    size += len(chunk)
                     bar.update(len(chunk))
     except requests.RequestException as err:
         raise DownloadError(f"could not download {url}: {err.__class__.__name__}. "
                             f"Check the network, or download it by hand and pass the local path.") from None
-    return digest.hexdigest()
+    if expected_size is not None and size != expected_size:
+        raise DownloadError(f"{url}: download incomplete ({size} of {expected_size} bytes)")
+    if re.fullmatch(r'[0-9a-f]{32}', etag) and md5.hexdigest() != etag:
+        raise DownloadError(f"{url}: checksum mismatch (MD5 {md5.hexdigest()}, the server says {etag})")
+    return {'sha256': sha256.hexdigest(), 'md5': md5.hexdigest()}
 
 
 def weights_path(path):

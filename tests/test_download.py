@@ -1,4 +1,5 @@
 """Downloads: once into the cache, atomically, unpacked when an archive, and a fast clear error offline."""
+import hashlib
 import http.server
 import io
 import socket
@@ -14,6 +15,7 @@ from emanet.download import DownloadError, cached_path, weights_path
 
 class Handler(http.server.BaseHTTPRequestHandler):
     files = {}
+    etags = {}
     hits = []
 
     def do_GET(self):
@@ -24,6 +26,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         self.send_response(200)
         self.send_header('Content-Length', str(len(body)))
+        if self.path in self.etags:
+            self.send_header('ETag', f'"{self.etags[self.path]}"')
         self.end_headers()
         self.wfile.write(body)
 
@@ -60,6 +64,17 @@ def test_a_checksum_mismatch_keeps_nothing(server, tmp_path):
     with pytest.raises(DownloadError, match='checksum mismatch'):
         cached_path(f'{server}/zoo/bad.pdparams', sha256='0' * 64, cache_dir=str(tmp_path))
     assert not [p for p in tmp_path.rglob('*') if p.is_file()]
+
+
+def test_the_servers_md5_etag_is_verified(server, tmp_path):
+    body = b'weights' * 100
+    Handler.files['/zoo/ok.pdparams'] = Handler.files['/zoo/tampered.pdparams'] = body
+    Handler.etags['/zoo/ok.pdparams'] = hashlib.md5(body).hexdigest()
+    Handler.etags['/zoo/tampered.pdparams'] = hashlib.md5(b'other').hexdigest()
+    assert open(cached_path(f'{server}/zoo/ok.pdparams', cache_dir=str(tmp_path)), 'rb').read() == body
+    with pytest.raises(DownloadError, match=r'tampered\.pdparams: checksum mismatch \(MD5 [0-9a-f]{32}, the server says'):
+        cached_path(f'{server}/zoo/tampered.pdparams', cache_dir=str(tmp_path))
+    assert sorted(p.name for p in tmp_path.rglob('*') if p.is_file()) == ['ok.pdparams']
 
 
 def test_an_archive_is_unpacked_to_its_pdparams(server, tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import random
 import shutil
 import time
 
+import numpy as np
 import paddle
 import paddle.distributed as dist
 
@@ -84,15 +85,19 @@ def save_checkpoint(folder, model, optimizer, state):
     shutil.rmtree(previous, ignore_errors=True)
 
 
-def load_checkpoint(folder, model, optimizer):
-    """Restore model, optimizer (with its lr schedule) and EM bases; return the saved train state."""
+def read_train_state(folder):
+    """The iteration, seed and best score saved with a checkpoint folder."""
     state_file = os.path.join(folder, STATE_FILE)
     if not os.path.isfile(state_file):
         raise FileNotFoundError(f"{folder} is not a complete checkpoint (no {STATE_FILE})")
-    load_weights(model, os.path.join(folder, 'model.pdparams'))
-    load_optimizer_state(model, optimizer, read_state(os.path.join(folder, 'model.pdopt')))
     with open(state_file) as f:
         return json.load(f)
+
+
+def load_checkpoint(folder, model, optimizer):
+    """Restore model, optimizer (with its lr schedule) and EM bases from a checkpoint folder."""
+    load_weights(model, os.path.join(folder, 'model.pdparams'))
+    load_optimizer_state(model, optimizer, read_state(os.path.join(folder, 'model.pdopt')))
 
 
 def remove_old_checkpoints(save_dir, keep):
@@ -132,6 +137,19 @@ def train(cfg, save_dir='output', device='cpu', num_workers=0, do_eval=False, us
         dist.init_parallel_env()
     autocast, use_scaler = amp_settings(precision, device)
 
+    start_iter, best = 0, {'miou': -1.0, 'iter': -1}
+    if resume_model == 'latest':
+        resume_model = find_latest_checkpoint(save_dir)
+    if resume_model:
+        state = read_train_state(resume_model)
+        start_iter, seed, best = state['iter'], state['seed'], state['best']
+    if seed is None:
+        seed = random.SystemRandom().randrange(2 ** 31)
+    # Seeded before the model is built, so a seed fixes the initial weights too.
+    paddle.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
+
     builder = Builder(cfg)
     model = builder.model
     train_dataset = builder.train_dataset
@@ -140,16 +158,9 @@ def train(cfg, save_dir='output', device='cpu', num_workers=0, do_eval=False, us
     optimizer = builder.optimizer
     lr_scheduler = builder.lr_scheduler
     total_iters, batch_size = cfg.iters, cfg.batch_size
-
-    start_iter, best = 0, {'miou': -1.0, 'iter': -1}
-    if resume_model == 'latest':
-        resume_model = find_latest_checkpoint(save_dir)
     if resume_model:
-        state = load_checkpoint(resume_model, model, optimizer)
-        start_iter, seed, best = state['iter'], state['seed'], state['best']
+        load_checkpoint(resume_model, model, optimizer)
         logger.info("Resumed from %s: continuing at iteration %d", resume_model, start_iter + 1)
-    if seed is None:
-        seed = random.SystemRandom().randrange(2 ** 31)
     if world_size > 1 and device.startswith('gpu'):
         model = paddle.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if autocast is not None and amp_level == 'O2':
