@@ -114,3 +114,13 @@ def test_two_processes_end_with_identical_weights_and_bases_and_save_once(tiny_c
         np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
     assert len(ranks[0]['writers']) == 2 and len(ranks[1]['writers']) == 0
     assert sorted(os.listdir(tmp_path / 'out')) == ['iter_4', 'iter_6']
+
+
+def test_evaluation_keeps_the_best_model_and_visualdl_gets_the_scalars(tiny_config, tmp_path):
+    out = tmp_path / 'out'
+    train(load_config(tiny_config()), save_dir=str(out), save_interval=3, seed=0, do_eval=True, use_vdl=True)
+    best = json.loads((out / 'best_model' / 'train_state.json').read_text())['best']
+    assert best['iter'] in (3, 6) and 0.0 <= best['miou'] <= 1.0
+    records = b''.join(p.read_bytes() for p in out.glob('vdlrecords.*.log'))
+    for tag in (b'Train/loss', b'Train/lr', b'Evaluate/mIoU'):
+        assert tag in records
