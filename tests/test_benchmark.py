@@ -1,0 +1,87 @@
+"""tools/benchmark.py end to end at toy sizes (it reports every number; speed is not checked),
+and the multiply-add counts it reports."""
+import json
+import os
+import subprocess
+import sys
+
+import paddle
+import paddle.nn as nn
+from paddle.base import core
+
+from conftest import TOOLS
+from emanet.benchmark import count_macs, em_unit_macs
+from emanet.models import EMAU
+
+RUNS = 1
+
+
+def test_benchmark_tool_reports_every_variant(tmp_path):
+    out = tmp_path / 'bench.json'
+    command = [sys.executable, os.path.join(TOOLS, 'benchmark.py'), '--backbone', 'ResNet18_vd',
+               '--input_size', '128', '64', '--train_size', '64', '32', '--attention_size', '32', '16',
+               '--runs', str(RUNS), '--warmup', '0', '--threads', '2', '--json', str(out)]
+    process = subprocess.run(command, capture_output=True, text=True, cwd=os.path.dirname(TOOLS))
+    assert process.returncode == 0, process.stderr[-3000:]
+    results = json.loads(out.read_text())
+
+    measured = ['eval_ours', 'eval_paddleseg', 'infer_fp32', 'eval_ours_flip', 'train_ours', 'train_paddleseg',
+                'train_paddleseg_default_threads', 'em_unit', 'non_local']
+    if core.supports_bfloat16():
+        measured.append('infer_bf16')
+    else:
+        assert results['variants']['infer_bf16']['skipped'].startswith('not supported')
+    for name in measured:
+        variant = results['variants'][name]
+        assert variant['median_s'] > 0 and variant['peak_mb'] > 0 and variant['setup_mb'] > 0, (name, variant)
+        assert len(variant['seconds']) == RUNS and min(variant['seconds']) > 0, name
+    assert results['variants']['train_paddleseg_default_threads']['threads'] is None
+    assert results['variants']['train_ours']['threads'] == 2
+
+    macs = results['macs']
+    assert macs['params'] > 0 and macs['conv_macs'] > 0
+    assert macs['total_macs'] == macs['conv_macs'] + macs['em_unit_macs']
+    terms, = macs['em_unit_terms']
+    assert terms == {'N': 8 * 16, 'C': 512, 'K': 64, 'T': 3}  # 64x128 input at output stride 8
+    assert macs['em_unit_macs'] == 7 * 8 * 16 * 512 * 64
+
+    for name in ('eval_paddleseg', 'infer_fp32') + (('infer_bf16',) if core.supports_bfloat16() else ()):
+        assert 0 <= results['labels'][f'{name}_vs_eval_ours_pct'] <= 100
+    assert results['labels']['eval_paddleseg_vs_eval_ours_pct'] > 99.9  # the same weights
+    assert results['ratios']['flip_over_single_scale'] > 0
+    assert results['ratios']['train_ours_speedup_vs_train_paddleseg'] > 0
+    assert isinstance(results['machine']['amx'], bool) and results['machine']['threads'] == 2
+
+    assert '| variant | input | median s | peak MB | working MB | vs PaddleSeg dygraph |' in process.stdout
+    assert '| (a) ours, dygraph eval | 1x3x64x128 |' in process.stdout
+    assert '(2T+1)*N*C*K' in process.stdout
+    assert 'Machine: ' in process.stdout
+    assert 'Command: python tools/benchmark.py --backbone ResNet18_vd' in process.stdout
+
+
+def test_em_unit_formula_counts_the_products_the_unit_runs(monkeypatch):
+    batch, channels, height, width, num_bases, stage_num = 2, 8, 5, 7, 4, 3
+    counted = []
+    bmm = paddle.bmm
+
+    def counting_bmm(x, y):
+        counted.append(x.shape[0] * x.shape[1] * x.shape[2] * y.shape[2])  # B x M x K x N
+        return bmm(x, y)
+
+    monkeypatch.setattr(paddle, 'bmm', counting_bmm)
+    unit = EMAU(channels, num_bases, stage_num)
+    unit.eval()
+    unit(paddle.randn([batch, channels, height, width]))
+    assert len(counted) == 2 * stage_num + 1
+    assert sum(counted) == em_unit_macs(batch * height * width, channels, num_bases, stage_num)
+
+
+def test_count_macs_adds_conv_layers_and_the_em_unit():
+    model = nn.Sequential(nn.Conv2D(3, 8, 3, padding=1), nn.Conv2D(8, 8, 3, stride=2, padding=1, groups=4),
+                          EMAU(8, num_bases=4, stage_num=2))
+    macs = count_macs(model, [1, 3, 16, 16])
+    conv = 8 * 16 * 16 * 3 * 9 + 8 * 8 * 8 * 2 * 9  # output elements x input channels per group x kernel area
+    assert macs['conv_macs'] == conv
+    assert macs['em_unit_macs'] == (2 * 2 + 1) * 8 * 8 * 8 * 4
+    assert macs['total_macs'] == conv + macs['em_unit_macs']
+    assert macs['params'] == sum(p.size for p in model.parameters())
