@@ -12,9 +12,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from emanet.deploy.export import read_deploy_config
-from emanet.engine.evaluate import report_metrics
+from emanet.engine.evaluate import metrics_for, report_metrics
 from emanet.engine.inference import reverse_transform
-from emanet.engine.metrics import SegMetrics
 from emanet.engine.predict import color_map, list_images, save_pseudo_color
 
 DEVICES = ('cpu', 'gpu')
@@ -168,8 +167,7 @@ def evaluate_predictor(predictor, dataset, save_json=None):
     The predictor preprocesses each image with the deploy config's transforms, so the
     dataset's own transforms are not used; labels are compared at their original size.
     """
-    metrics = SegMetrics(dataset.num_classes, getattr(dataset, 'ignore_index', 255),
-                         class_names=getattr(dataset, 'CLASS_NAMES', None))
+    metrics = metrics_for(dataset)
     for image_path, label_path in tqdm(dataset.file_list, desc='evaluate', unit='image'):
         label = np.asarray(Image.open(label_path))
         metrics.update(predictor.predict(image_path), label)

@@ -41,8 +41,7 @@ def evaluate(model, dataset, num_workers=0, save_json=None, **augment):
     """
     loader = paddle.io.DataLoader(EvalSamples(dataset), batch_size=1, num_workers=num_workers,
                                   collate_fn=collate_one, return_list=True)
-    metrics = SegMetrics(dataset.num_classes, getattr(dataset, 'ignore_index', 255),
-                         class_names=getattr(dataset, 'CLASS_NAMES', None))
+    metrics = metrics_for(dataset)
     model.eval()
     logger.info("Start evaluating (total_samples: %d)...", len(dataset))
     start = time.time()
@@ -53,6 +52,12 @@ def evaluate(model, dataset, num_workers=0, save_json=None, **augment):
             logits = reverse_transform(logits, trans_info)
             metrics.update(paddle.argmax(logits, axis=1).numpy(), label)
     return report_metrics(metrics, save_json, seconds=time.time() - start)
+
+
+def metrics_for(dataset):
+    """An empty SegMetrics with the dataset's classes, ignore index and class names."""
+    return SegMetrics(dataset.num_classes, getattr(dataset, 'ignore_index', 255),
+                      class_names=getattr(dataset, 'CLASS_NAMES', None))
 
 
 def report_metrics(metrics, save_json=None, **extra):
