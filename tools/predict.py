@@ -5,7 +5,7 @@ from emanet.cli import add_augment_flags, augment_flags, load_config_from_args, 
 from emanet.config import Builder, build_model
 from emanet.engine.evaluate import augment_options
 from emanet.engine.predict import predict
-from emanet.engine.trainer import set_device
+from emanet.runtime import set_device
 from emanet.logger import logger
 
 

@@ -11,7 +11,7 @@ from emanet.cli import add_augment_flags, augment_flags, load_config_from_args, 
 from emanet.config import Builder, build_model
 from emanet.deploy.predictor import Predictor, evaluate_predictor
 from emanet.engine.evaluate import augment_options, evaluate
-from emanet.engine.trainer import set_device
+from emanet.runtime import set_device
 
 
 def parse_args(argv=None):

@@ -14,7 +14,6 @@ import time
 import numpy as np
 import paddle
 import paddle.distributed as dist
-from paddle.base import core
 
 from emanet.checkpoint import (load_optimizer_state, load_weights, optimizer_state_by_structure,
                                read_state, save_state)
@@ -22,6 +21,7 @@ from emanet.config import Builder
 from emanet.engine.data import ResumableBatchSampler, TrainSamples, collate_train, raise_if_error
 from emanet.engine.evaluate import evaluate
 from emanet.logger import logger
+from emanet.runtime import set_device
 
 CHECKPOINT_PREFIX = 'iter_'
 STATE_FILE = 'train_state.json'
@@ -29,28 +29,6 @@ STATE_FILE = 'train_state.json'
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-def set_device(device, cpu_threads=None):
-    """Select 'cpu' or 'gpu' (or 'gpu:1'); a GPU request on a CPU build of Paddle is one clear error.
-
-    On CPU, dygraph Paddle runs its math (the GEMMs under every convolution) on one thread
-    unless told; by default each process here takes its share of the cores.
-    """
-    if device.startswith('gpu') and not paddle.is_compiled_with_cuda():
-        raise RuntimeError("--device gpu needs paddlepaddle-gpu; this Paddle is a CPU build "
-                           "(install paddlepaddle-gpu, or use --device cpu)")
-    if dist.get_world_size() > 1 and device == 'gpu':
-        device = f'gpu:{dist.ParallelEnv().device_id}'
-    paddle.set_device(device)
-    if device == 'cpu':
-        set_cpu_threads(cpu_threads or max(1, len(os.sched_getaffinity(0)) // dist.get_world_size()))
-    return device
-
-
-def set_cpu_threads(threads):
-    """Let dygraph Paddle's CPU math use ``threads`` threads (FLAGS_paddle_num_threads does not reach MKL)."""
-    core.set_num_threads(int(threads))
 
 
 def amp_settings(precision, device):
