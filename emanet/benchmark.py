@@ -4,13 +4,15 @@
 
 - parameters and multiply-adds (Conv2D layers by forward hooks, the EM unit by its formula);
 - eval latency and peak memory of (a) our dygraph model, (b) PaddleSeg's EMANet holding the same
-  weights, (c) our exported model through Paddle Inference with oneDNN fp32, (d) the same in bf16;
-- a training step of (a) and (b), the cost of flip evaluation, and how often the variants' labels agree;
+  weights, as Paddle runs it by default, (b') the same under emanet's runtime settings (``emanet.runtime``:
+  the allocator tuning), so that model and runtime gains show apart, (c) our exported model through
+  Paddle Inference with oneDNN fp32, (d) the same in bf16;
+- a training step of (a), (b) and (b'), the cost of flip evaluation, and how often the variants' labels agree;
 - the EM unit alone against a non-local block of the same width;
 - optionally, fp32 against bf16 labels and mIoU of a trained quick-start model.
 
 Every measurement runs in a fresh Python process, so its peak memory is its own and no variant
-warms caches or allocators for the next. A few rows share a process with the row they are
+warms caches or allocators for the next; rounds repeat every process in alternating order. A few rows share a process with the row they are
 compared with, measured after the lighter one or on the same workload: flip evaluation (after
 single-scale), PaddleSeg's train step with Paddle's default threads (before the one with
 --threads), and the non-local block (after the EM unit).
@@ -42,7 +44,7 @@ from emanet.deploy.predictor import Predictor
 from emanet.engine.data import EvalSamples, raise_if_error
 from emanet.engine.evaluate import predict_logits
 from emanet.engine.losses import CrossEntropyLoss
-from emanet.engine.trainer import set_cpu_threads
+from emanet.runtime import set_cpu_threads, tune_cpu_allocator
 from emanet.engine.metrics import SegMetrics
 from emanet.logger import logger
 from emanet.models import EMAU, EMANet
@@ -62,13 +64,15 @@ PADDLESEG_AUX_CHANNELS = 1024
 # Every row of the report, in its order; "ours" is emanet, "PaddleSeg" is paddleseg.models.EMANet.
 ROWS = {
     'eval_ours': '(a) ours, dygraph eval',
-    'eval_paddleseg': '(b) PaddleSeg 2.8.0, dygraph eval',
+    'eval_paddleseg': "(b) PaddleSeg 2.8.0, dygraph eval, Paddle's default allocator",
+    'eval_paddleseg_tuned': "(b') PaddleSeg 2.8.0 model, dygraph eval, emanet's runtime",
     'infer_fp32': '(c) ours, exported, inference fp32',
     'infer_bf16': '(d) ours, exported, inference bf16',
     'eval_ours_flip': 'ours, dygraph eval + horizontal flip',
     'train_ours': '(a) ours, train step',
-    'train_paddleseg': '(b) PaddleSeg 2.8.0, train step',
-    'train_paddleseg_default_threads': "(b) PaddleSeg 2.8.0, train step, Paddle's default 1 math thread",
+    'train_paddleseg': "(b) PaddleSeg 2.8.0, train step, Paddle's default allocator",
+    'train_paddleseg_default_threads': "(b) PaddleSeg 2.8.0, train step, Paddle's defaults (1 math thread)",
+    'train_paddleseg_tuned': "(b') PaddleSeg 2.8.0 model, train step, emanet's runtime",
     'em_unit': 'EM unit',
     'non_local': 'non-local block (embedded Gaussian)',
 }
@@ -356,6 +360,8 @@ def run_worker(spec_path):
     paddle.set_device(spec['device'])
     if not spec.get('default_threads_first'):
         set_cpu_threads(spec['threads'])
+    if spec.get('runtime', 'emanet') == 'emanet':
+        tune_cpu_allocator()
     results = MEASUREMENTS[spec['kind']](spec)
     with open(spec['result_path'], 'w') as f:
         json.dump(results, f)
@@ -412,7 +418,8 @@ def plan_jobs(skip, device, threads, bf16_supported):
     jobs, unavailable = [], {}
     jobs.append({'name': 'eval_ours', 'kind': 'eval', 'implementation': 'ours', 'flip': 'flip' not in skip})
     if 'paddleseg' not in skip:
-        jobs.append({'name': 'eval_paddleseg', 'kind': 'eval', 'implementation': 'paddleseg'})
+        jobs.append({'name': 'eval_paddleseg', 'kind': 'eval', 'implementation': 'paddleseg', 'runtime': 'paddle'})
+        jobs.append({'name': 'eval_paddleseg_tuned', 'kind': 'eval', 'implementation': 'paddleseg'})
     if 'inference' not in skip:
         jobs.append({'name': 'infer_fp32', 'kind': 'inference', 'precision': 'fp32'})
         if 'bf16' not in skip and device == 'cpu' and bf16_supported:
@@ -424,7 +431,8 @@ def plan_jobs(skip, device, threads, bf16_supported):
         jobs.append({'name': 'train_ours', 'kind': 'train', 'implementation': 'ours'})
         if 'paddleseg' not in skip:
             jobs.append({'name': 'train_paddleseg', 'kind': 'train', 'implementation': 'paddleseg',
-                         'default_threads_first': device == 'cpu' and threads > 1})
+                         'runtime': 'paddle', 'default_threads_first': device == 'cpu' and threads > 1})
+            jobs.append({'name': 'train_paddleseg_tuned', 'kind': 'train', 'implementation': 'paddleseg'})
     if 'em_unit' not in skip:
         jobs.append({'name': 'attention', 'kind': 'attention'})
     return jobs, unavailable
@@ -468,7 +476,7 @@ def evaluate_quickstart(config_path, weights, work_dir, device='cpu', threads=No
 
 
 def run_benchmark(model_spec, input_size=(1024, 512), train_size=(512, 256), train_batch=2,
-                  attention_size=(128, 64), runs=5, warmup=1, threads=None, device='cpu', skip=(),
+                  attention_size=(128, 64), runs=3, rounds=3, warmup=1, threads=None, device='cpu', skip=(),
                   quickstart_model=None, quickstart_config='configs/quickstart.yml', transforms=None,
                   seed=0, command=''):
     """Run every measurement and return the results as a JSON-serialisable dict.
@@ -477,6 +485,9 @@ def run_benchmark(model_spec, input_size=(1024, 512), train_size=(512, 256), tra
         model_spec: from ``model_spec_from_config`` or ``model_spec_for_backbone``.
         input_size, train_size: (width, height) of the eval input and of the training crops.
         attention_size: (width, height) of the feature map for the EM unit and the non-local block.
+        runs, rounds: each round runs every variant's process once, timing ``runs`` calls after
+            ``warmup``; rounds alternate the order, so that a slow spell of a shared machine
+            falls on every variant rather than on one. Medians are over all rounds.
         threads: CPU math threads for every variant; None uses every core this process may use.
         skip: names from ``PARTS`` to leave out.
         quickstart_model: a checkpoint trained with ``quickstart_config``; adds fp32 vs bf16 labels and mIoU.
@@ -485,8 +496,9 @@ def run_benchmark(model_spec, input_size=(1024, 512), train_size=(512, 256), tra
     unknown = [part for part in skip if part not in PARTS]
     if unknown:
         raise ValueError(f"unknown part to skip '{unknown[0]}'; known: {', '.join(PARTS)}")
-    if runs < 1 or warmup < 0:
-        raise ValueError(f"need runs >= 1 and warmup >= 0, got runs {runs}, warmup {warmup}")
+    if runs < 1 or rounds < 1 or warmup < 0:
+        raise ValueError(f"need runs >= 1, rounds >= 1 and warmup >= 0, got runs {runs}, rounds {rounds}, "
+                         f"warmup {warmup}")
     paddle.set_device(device)
     machine = machine_info(device, threads)
     threads = machine['threads']
@@ -495,7 +507,7 @@ def run_benchmark(model_spec, input_size=(1024, 512), train_size=(512, 256), tra
     eval_shape = [1, 3, height, width]
     attention_shape = [1, ATTENTION_CHANNELS, attention_size[1], attention_size[0]]
     results = {'command': command, 'machine': machine, 'model': model_spec, 'seed': seed,
-               'runs': runs, 'warmup': warmup, 'variants': {}, 'labels': {}}
+               'runs': runs, 'rounds': rounds, 'warmup': warmup, 'variants': {}, 'labels': {}}
 
     with tempfile.TemporaryDirectory(prefix='emanet_benchmark_') as work_dir:
         paddle.seed(seed)
@@ -520,17 +532,19 @@ def run_benchmark(model_spec, input_size=(1024, 512), train_size=(512, 256), tra
         shapes = {'eval': eval_shape, 'inference': eval_shape,
                   'train': [train_batch, 3, train_height, train_width], 'attention': attention_shape}
         measured = {}
-        for job in jobs:
-            spec = dict(base, input_shape=shapes[job['kind']], **job)
-            if job['kind'] in ('eval', 'inference'):
-                spec['labels_path'] = os.path.join(work_dir, f"{job['name']}.labels.npy")
-            if job['kind'] == 'attention':
-                spec.update(attention)
-            for name, result in run_in_subprocess(spec, work_dir).items():
-                measured[name] = dict(result, label=ROWS[name], input_shape=spec['input_shape'],
-                                      threads=None if name.endswith('_default_threads') else threads)
-                logger.info("[BENCH] %s: median %.3f s, peak %.0f MB", ROWS[name], result['median_s'],
-                            result['peak_mb'])
+        for round_index in range(rounds):
+            for job in (jobs if round_index % 2 == 0 else jobs[::-1]):
+                spec = dict(base, input_shape=shapes[job['kind']], **job)
+                if job['kind'] in ('eval', 'inference'):
+                    spec['labels_path'] = os.path.join(work_dir, f"{job['name']}.labels.npy")
+                if job['kind'] == 'attention':
+                    spec.update(attention)
+                for name, result in run_in_subprocess(spec, work_dir).items():
+                    measured[name] = _merge_rounds(measured.get(name), result)
+                    measured[name].update(label=ROWS[name], input_shape=spec['input_shape'],
+                                          threads=None if name.endswith('_default_threads') else threads)
+                    logger.info("[BENCH] round %d/%d, %s: median %.3f s, peak %.0f MB", round_index + 1, rounds,
+                                ROWS[name], result['median_s'], result['peak_mb'])
         measured.update({name: {'label': ROWS[name], 'skipped': reason} for name, reason in unavailable.items()})
         results['variants'] = {name: measured[name] for name in ROWS if name in measured}
 
@@ -546,6 +560,15 @@ def run_benchmark(model_spec, input_size=(1024, 512), train_size=(512, 256), tra
         'em_unit': em_unit_macs(num_pixels, ATTENTION_CHANNELS, attention['num_bases'], attention['stage_num']),
         'non_local': non_local_macs(num_pixels, ATTENTION_CHANNELS, NON_LOCAL_INTER_CHANNELS)}
     return results
+
+
+def _merge_rounds(earlier, result):
+    """One row's timings over the rounds so far: every run's seconds, their median, the highest peak."""
+    if earlier is None:
+        return dict(result)
+    seconds = earlier['seconds'] + result['seconds']
+    return dict(earlier, seconds=seconds, median_s=statistics.median(seconds),
+                peak_mb=max(earlier['peak_mb'], result['peak_mb']), setup_mb=min(earlier['setup_mb'], result['setup_mb']))
 
 
 def _compare_labels(work_dir, variants):
@@ -575,6 +598,11 @@ def _ratios(variants):
         # Ours as our trainer can run it against PaddleSeg's model as PaddleSeg's trainer runs it.
         ratios['train_ours_speedup_vs_train_paddleseg_default_threads'] = (
             median('train_paddleseg_default_threads') / median('train_ours'))
+    for kind in ('eval', 'train'):
+        # Same runtime settings on both sides: what the model itself gains.
+        ours, theirs = median(f'{kind}_ours'), median(f'{kind}_paddleseg_tuned')
+        if ours and theirs:
+            ratios[f'{kind}_ours_speedup_vs_{kind}_paddleseg_tuned'] = theirs / ours
     return ratios
 
 
@@ -655,10 +683,16 @@ def _findings(results):
     ratios, labels = results['ratios'], results['labels']
     if 'flip_over_single_scale' in ratios:
         lines.append(f"Flip evaluation costs {ratios['flip_over_single_scale']:.2f}x single-scale (target <= 1.9x).")
+    same_runtime = [f"{kind} {_speedup(1, ratios[f'{kind}_ours_speedup_vs_{kind}_paddleseg_tuned'])}"
+                    for kind in ('eval', 'train') if f'{kind}_ours_speedup_vs_{kind}_paddleseg_tuned' in ratios]
+    if same_runtime:
+        lines.append("Model alone, against (b') under the same runtime settings: ours is "
+                     + ', '.join(same_runtime) + " (eval: no auxiliary head).")
     if 'train_ours_speedup_vs_train_paddleseg_default_threads' in ratios:
         speedup = _speedup(1, ratios['train_ours_speedup_vs_train_paddleseg_default_threads'])
         lines.append(f"Train step: ours with {results['machine']['threads']} math threads is {speedup} than "
-                     "PaddleSeg's model as PaddleSeg's trainer runs it (Paddle's default, 1 math thread).")
+                     "PaddleSeg's model as PaddleSeg's trainer runs it (Paddle's defaults: 1 math thread, "
+                     "default allocator).")
     names = {'eval_paddleseg': '(b) PaddleSeg', 'infer_fp32': '(c) exported fp32', 'infer_bf16': '(d) exported bf16'}
     agreement = [f"{names[name]} {labels[f'{name}_vs_eval_ours_pct']:.2f}%" for name in names
                  if f'{name}_vs_eval_ours_pct' in labels]

@@ -14,19 +14,20 @@ from emanet.benchmark import count_macs, em_unit_macs
 from emanet.models import EMAU
 
 RUNS = 1
+ROUNDS = 2
 
 
 def test_benchmark_tool_reports_every_variant(tmp_path):
     out = tmp_path / 'bench.json'
     command = [sys.executable, os.path.join(TOOLS, 'benchmark.py'), '--backbone', 'ResNet18_vd',
                '--input_size', '128', '64', '--train_size', '64', '32', '--attention_size', '32', '16',
-               '--runs', str(RUNS), '--warmup', '0', '--threads', '2', '--json', str(out)]
+               '--runs', str(RUNS), '--rounds', str(ROUNDS), '--warmup', '0', '--threads', '2', '--json', str(out)]
     process = subprocess.run(command, capture_output=True, text=True, cwd=os.path.dirname(TOOLS))
     assert process.returncode == 0, process.stderr[-3000:]
     results = json.loads(out.read_text())
 
-    measured = ['eval_ours', 'eval_paddleseg', 'infer_fp32', 'eval_ours_flip', 'train_ours', 'train_paddleseg',
-                'train_paddleseg_default_threads', 'em_unit', 'non_local']
+    measured = ['eval_ours', 'eval_paddleseg', 'eval_paddleseg_tuned', 'infer_fp32', 'eval_ours_flip', 'train_ours',
+                'train_paddleseg', 'train_paddleseg_default_threads', 'train_paddleseg_tuned', 'em_unit', 'non_local']
     if core.supports_bfloat16():
         measured.append('infer_bf16')
     else:
@@ -34,7 +35,7 @@ def test_benchmark_tool_reports_every_variant(tmp_path):
     for name in measured:
         variant = results['variants'][name]
         assert variant['median_s'] > 0 and variant['peak_mb'] > 0 and variant['setup_mb'] > 0, (name, variant)
-        assert len(variant['seconds']) == RUNS and min(variant['seconds']) > 0, name
+        assert len(variant['seconds']) == RUNS * ROUNDS and min(variant['seconds']) > 0, name
     assert results['variants']['train_paddleseg_default_threads']['threads'] is None
     assert results['variants']['train_ours']['threads'] == 2
 
@@ -50,6 +51,8 @@ def test_benchmark_tool_reports_every_variant(tmp_path):
     assert results['labels']['eval_paddleseg_vs_eval_ours_pct'] > 99.9  # the same weights
     assert results['ratios']['flip_over_single_scale'] > 0
     assert results['ratios']['train_ours_speedup_vs_train_paddleseg'] > 0
+    assert results['ratios']['eval_ours_speedup_vs_eval_paddleseg_tuned'] > 0
+    assert results['ratios']['train_ours_speedup_vs_train_paddleseg_tuned'] > 0
     assert isinstance(results['machine']['amx'], bool) and results['machine']['threads'] == 2
 
     assert '| variant | input | median s | peak MB | working MB | vs PaddleSeg dygraph |' in process.stdout

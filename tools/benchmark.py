@@ -24,7 +24,9 @@ def parse_args(argv=None):
     parser.add_argument('--train_batch', type=int, default=2, help='images per training step')
     parser.add_argument('--attention_size', nargs=2, type=int, default=[128, 64], metavar=('W', 'H'),
                         help='feature map of the EM unit vs non-local comparison (512 channels)')
-    parser.add_argument('--runs', type=int, default=5, help='timed runs per variant (the median is reported)')
+    parser.add_argument('--runs', type=int, default=3, help='timed runs per variant and round')
+    parser.add_argument('--rounds', type=int, default=3,
+                        help='rounds over all variants, in alternating order (the median of every run is reported)')
     parser.add_argument('--warmup', type=int, default=1, help='untimed runs before them')
     parser.add_argument('--threads', type=int, help='CPU math threads for every variant; default every core')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'gpu'])
@@ -49,7 +51,7 @@ def main(args):
     command = ' '.join(shlex.quote(arg) for arg in ['python', 'tools/benchmark.py'] + sys.argv[1:])
     results = run_benchmark(model_spec, input_size=args.input_size, train_size=args.train_size,
                             train_batch=args.train_batch, attention_size=args.attention_size, runs=args.runs,
-                            warmup=args.warmup, threads=args.threads, device=args.device, skip=skip,
+                            rounds=args.rounds, warmup=args.warmup, threads=args.threads, device=args.device, skip=skip,
                             quickstart_model=args.quickstart_model, quickstart_config=args.quickstart_config,
                             transforms=transforms, seed=args.seed, command=command)
     print(format_report(results))
