@@ -4,18 +4,18 @@
 
 - parameters and multiply-adds (Conv2D layers by forward hooks, the EM unit by its formula);
 - eval latency and peak memory of (a) our dygraph model, (b) PaddleSeg's EMANet holding the same
-  weights, as Paddle runs it by default, (b') the same under emanet's runtime settings (``emanet.runtime``:
-  the allocator tuning), so that model and runtime gains show apart, (c) our exported model through
-  Paddle Inference with oneDNN fp32, (d) the same in bf16;
+  weights, with glibc's default allocator, (b') the same under emanet's runtime settings
+  (``emanet.runtime.tune_cpu_allocator``), so that model and runtime gains show apart, (c) our
+  exported model through Paddle Inference with oneDNN fp32, (d) the same in bf16;
 - a training step of (a), (b) and (b'), the cost of flip evaluation, and how often the variants' labels agree;
 - the EM unit alone against a non-local block of the same width;
 - optionally, fp32 against bf16 labels and mIoU of a trained quick-start model.
 
 Every measurement runs in a fresh Python process, so its peak memory is its own and no variant
-warms caches or allocators for the next; rounds repeat every process in alternating order. A few rows share a process with the row they are
-compared with, measured after the lighter one or on the same workload: flip evaluation (after
-single-scale), PaddleSeg's train step with Paddle's default threads (before the one with
---threads), and the non-local block (after the EM unit).
+warms caches or allocators for the next; rounds repeat every process in alternating order.
+A few rows share a process with the row they are compared with, measured after the lighter one
+or on the same workload: flip evaluation (after single-scale), PaddleSeg's train step with
+Paddle's default threads (before the one with --threads), and the non-local block (after the EM unit).
 """
 import copy
 import json
@@ -44,10 +44,10 @@ from emanet.deploy.predictor import Predictor
 from emanet.engine.data import EvalSamples, raise_if_error
 from emanet.engine.evaluate import predict_logits
 from emanet.engine.losses import CrossEntropyLoss
-from emanet.runtime import set_cpu_threads, tune_cpu_allocator
 from emanet.engine.metrics import SegMetrics
 from emanet.logger import logger
 from emanet.models import EMAU, EMANet
+from emanet.runtime import set_cpu_threads, tune_cpu_allocator
 
 # Parts a user can leave out with --skip.
 PARTS = ('macs', 'paddleseg', 'inference', 'bf16', 'flip', 'train', 'em_unit')
