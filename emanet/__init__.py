@@ -3,8 +3,12 @@
 ``import emanet`` registers its model, losses and datasets in PaddleSeg's component
 managers, so ``type: EMANet`` in a PaddleSeg YAML builds this package's model.
 """
-from emanet.models import EMAU, EMAHead, EMANet
-from emanet.registry import register_all
+from emanet.runtime import use_fast_mkl_on_amd
+
+use_fast_mkl_on_amd()  # before any matrix product of this process
+
+from emanet.models import EMAU, EMAHead, EMANet  # noqa: E402
+from emanet.registry import register_all  # noqa: E402
 
 __version__ = '0.1.0'
 __all__ = ['EMAU', 'EMAHead', 'EMANet']
