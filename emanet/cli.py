@@ -1,4 +1,5 @@
 """What the command-line tools share: flags, config loading, and one-sentence errors."""
+import argparse
 import os
 import sys
 
@@ -6,9 +7,25 @@ from emanet.checkpoint import CheckpointError
 from emanet.config import ConfigError, load_config
 from emanet.download import DownloadError
 from emanet.logger import setup_logging
+from emanet.runtime import parse_device
 
 # Errors a user can cause; the tools print their message alone, without a traceback.
 USER_ERRORS = (ConfigError, CheckpointError, DownloadError, FileNotFoundError, ValueError, RuntimeError)
+
+
+def _device_flag(text):
+    try:
+        parse_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def add_device_flag(parser, help='where to run'):
+    """--device cpu | gpu | gpu:N, checked when the command line is read."""
+    parser.add_argument('--device', default='cpu', type=_device_flag,
+                        help=f"{help}: 'cpu', 'gpu' or 'gpu:N' (GPU number N; under "
+                             "paddle.distributed.launch each process takes its own GPU)")
 
 
 def add_augment_flags(parser):

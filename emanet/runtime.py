@@ -34,17 +34,28 @@ MKL_CPU_TYPE_VARIABLE = 'MKL_DEBUG_CPU_TYPE'
 MKL_AVX2_CPU_TYPE = '5'
 
 
+def parse_device(device):
+    """('cpu', None), ('gpu', None) or ('gpu', N) for 'cpu', 'gpu' or 'gpu:N'; anything else is a ValueError."""
+    kind, colon, number = str(device).partition(':')
+    if kind == 'cpu' and not colon:
+        return 'cpu', None
+    if kind == 'gpu' and (not colon or number.isdigit()):
+        return 'gpu', int(number) if colon else None
+    raise ValueError(f"device must be 'cpu', 'gpu' or 'gpu:N' (N a GPU number), got '{device}'")
+
+
 def set_device(device, cpu_threads=None, tune_allocator=True):
-    """Select 'cpu' or 'gpu' (or 'gpu:1'); a GPU request on a CPU build of Paddle is one clear error.
+    """Select 'cpu', 'gpu' or 'gpu:N'; a GPU request on a CPU build of Paddle is one clear error.
 
     On CPU, each process takes its share of the cores for math (``cpu_threads`` overrides it).
     With ``tune_allocator``, large host allocations stay in the heap (``tune_cpu_allocator``).
     """
-    if device.startswith('gpu') and not paddle.is_compiled_with_cuda():
+    kind, number = parse_device(device)
+    if kind == 'gpu' and not paddle.is_compiled_with_cuda():
         raise RuntimeError("--device gpu needs paddlepaddle-gpu; this Paddle is a CPU build "
                            "(install paddlepaddle-gpu, or use --device cpu)")
-    if dist.get_world_size() > 1 and device == 'gpu':
-        device = f'gpu:{dist.ParallelEnv().device_id}'
+    if kind == 'gpu' and number is None and dist.get_world_size() > 1:
+        device = f'gpu:{dist.ParallelEnv().device_id}'  # the GPU the launcher gave this process
     paddle.set_device(device)
     if device == 'cpu':
         if fast_mkl_applied():

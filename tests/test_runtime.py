@@ -70,3 +70,14 @@ def test_import_emanet_sets_the_fast_path_on_this_cpu_if_it_is_amd():
     result = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, env=env, check=True)
     expected = '5' if runtime.cpu_vendor() == 'AuthenticAMD' else 'None'
     assert result.stdout.split()[-1] == expected
+
+
+@pytest.mark.parametrize('device, parsed', [('cpu', ('cpu', None)), ('gpu', ('gpu', None)), ('gpu:1', ('gpu', 1))])
+def test_device_names(device, parsed):
+    assert runtime.parse_device(device) == parsed
+
+
+@pytest.mark.parametrize('device', ['cuda', 'gpu:x', 'cpu:0', 'gpu:'])
+def test_a_bad_device_name_is_one_clear_error(device):
+    with pytest.raises(ValueError, match=f"'cpu', 'gpu' or 'gpu:N'.*got '{device}'"):
+        runtime.parse_device(device)

@@ -6,7 +6,7 @@ import shlex
 import sys
 
 from emanet.benchmark import PARTS, format_report, model_spec_for_backbone, model_spec_from_config, run_benchmark
-from emanet.cli import run_cli
+from emanet.cli import add_device_flag, run_cli
 from emanet.config import load_config
 
 
@@ -29,7 +29,7 @@ def parse_args(argv=None):
                         help='rounds over all variants, in alternating order (the median of every run is reported)')
     parser.add_argument('--warmup', type=int, default=1, help='untimed runs before them')
     parser.add_argument('--threads', type=int, help='CPU math threads for every variant; default every core')
-    parser.add_argument('--device', default='cpu', choices=['cpu', 'gpu'])
+    add_device_flag(parser)
     parser.add_argument('--skip', default='', help=f"comma-separated parts to leave out: {','.join(PARTS)}")
     parser.add_argument('--quickstart_model', help='model.pdparams trained with --quickstart_config: adds '
                                                    'fp32 vs bf16 labels and mIoU on its val images')

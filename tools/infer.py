@@ -1,8 +1,8 @@
 """Segment images with an exported model: python tools/infer.py --config DIR/deploy.yaml --image_path IMG_OR_DIR"""
 import argparse
 
-from emanet.cli import run_cli
-from emanet.deploy.predictor import DEVICES, PRECISIONS, Predictor, predict_images
+from emanet.cli import add_device_flag, run_cli
+from emanet.deploy.predictor import PRECISIONS, Predictor, predict_images
 from emanet.logger import logger
 
 
@@ -11,7 +11,7 @@ def parse_args(argv=None):
     parser.add_argument('--config', required=True, help='deploy.yaml written by tools/export.py, or its folder')
     parser.add_argument('--image_path', required=True, help='an image, a folder of images, or a list file')
     parser.add_argument('--save_dir', default='output/result', help='where the masks and overlays go')
-    parser.add_argument('--device', default='cpu', choices=DEVICES)
+    add_device_flag(parser)
     parser.add_argument('--precision', default='fp32', choices=PRECISIONS,
                         help='bf16 on a CPU with AVX-512 (oneDNN), fp16 on GPU')
     parser.add_argument('--cpu_threads', type=int, default=None, help='math threads on CPU; default every core')

@@ -1,7 +1,7 @@
 """Predict images: python tools/predict.py --config CFG --model_path PATH --image_path IMG_OR_DIR --save_dir out/"""
 import argparse
 
-from emanet.cli import add_augment_flags, augment_flags, load_config_from_args, run_cli
+from emanet.cli import add_augment_flags, add_device_flag, augment_flags, load_config_from_args, run_cli
 from emanet.config import Builder, build_model
 from emanet.engine.evaluate import augment_options
 from emanet.engine.predict import predict
@@ -17,7 +17,7 @@ def parse_args(argv=None):
     parser.add_argument('--save_dir', default='output/result', help='where the masks and overlays go')
     parser.add_argument('--save_format', default='pseudo_color', choices=['pseudo_color', 'cityscapes'],
                         help="'cityscapes': PNGs of official label ids for the Cityscapes evaluator/server")
-    parser.add_argument('--device', default='cpu', choices=['cpu', 'gpu'])
+    add_device_flag(parser)
     parser.add_argument('--opts', nargs='+', default=None, help='config overrides key=value')
     add_augment_flags(parser)
     return parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """Train a model from a PaddleSeg-style config: python tools/train.py --config configs/quickstart.yml --do_eval"""
 import argparse
 
-from emanet.cli import load_config_from_args, run_cli
+from emanet.cli import add_device_flag, load_config_from_args, run_cli
 from emanet.engine.evaluate import augment_options
 from emanet.engine.trainer import train
 
@@ -9,7 +9,7 @@ from emanet.engine.trainer import train
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('--config', required=True, help='YAML config file')
-    parser.add_argument('--device', default='cpu', choices=['cpu', 'gpu'], help='where to train')
+    add_device_flag(parser, help='where to train')
     parser.add_argument('--save_dir', default='output', help='folder for checkpoints and logs')
     parser.add_argument('--num_workers', type=int, default=0, help='data loader processes')
     parser.add_argument('--do_eval', action='store_true', help='evaluate at every save and keep best_model/')

@@ -7,7 +7,7 @@ import os
 
 import argparse
 
-from emanet.cli import add_augment_flags, augment_flags, load_config_from_args, run_cli
+from emanet.cli import add_augment_flags, add_device_flag, augment_flags, load_config_from_args, run_cli
 from emanet.config import Builder, build_model
 from emanet.deploy.predictor import Predictor, evaluate_predictor
 from emanet.engine.evaluate import augment_options, evaluate
@@ -21,7 +21,7 @@ def parse_args(argv=None):
                         help='model.pdparams file or URL, or a folder written by tools/export.py')
     parser.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'],
                         help='for an exported model: bf16 on CPU (oneDNN), fp16 on GPU')
-    parser.add_argument('--device', default='cpu', choices=['cpu', 'gpu'])
+    add_device_flag(parser)
     parser.add_argument('--num_workers', type=int, default=0, help='data loader processes')
     parser.add_argument('--save_json', help='also write the metrics to this JSON file')
     parser.add_argument('--opts', nargs='+', default=None, help='config overrides key=value')
