@@ -1,4 +1,9 @@
-"""Download files once into a local cache, with a progress bar and a clear error offline."""
+"""Download files once into a local cache, with a progress bar and a clear error offline.
+
+Several processes may ask for the same file at once (every rank of a data-parallel run builds
+its backbone): a lock file beside the target lets one download and unpack while the others
+wait, and then they find the finished copy.
+"""
 import glob
 import hashlib
 import os
@@ -10,6 +15,7 @@ import zipfile
 from urllib.parse import urlparse
 
 import requests
+from filelock import FileLock
 from tqdm import tqdm
 
 CACHE_DIR = os.environ.get('EMANET_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'emanet'))
@@ -43,16 +49,19 @@ def cached_path(url, sha256=None, cache_dir=None):
     if os.path.exists(target):
         return target
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=os.path.dirname(target), suffix='.part')
-    try:
-        with os.fdopen(fd, 'wb') as out:
-            digests = _fetch(url, out)
-        if sha256 is not None and digests['sha256'] != sha256:
-            raise DownloadError(f"{url}: checksum mismatch (sha256 {digests['sha256']}, expected {sha256})")
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    with FileLock(target + '.lock'):
+        if os.path.exists(target):  # another process finished it while this one waited
+            return target
+        fd, partial = tempfile.mkstemp(dir=os.path.dirname(target), suffix='.part')
+        try:
+            with os.fdopen(fd, 'wb') as out:
+                digests = _fetch(url, out)
+            if sha256 is not None and digests['sha256'] != sha256:
+                raise DownloadError(f"{url}: checksum mismatch (sha256 {digests['sha256']}, expected {sha256})")
+            os.replace(partial, target)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
     return target
 
 
@@ -92,16 +101,17 @@ def weights_path(path):
     if not local.endswith(ARCHIVE_SUFFIXES):
         return local
     unpacked = local + '.unpacked'
-    if not os.path.isdir(unpacked):
-        partial = unpacked + '.part'
-        shutil.rmtree(partial, ignore_errors=True)
-        if local.endswith('.zip'):
-            with zipfile.ZipFile(local) as archive:
-                archive.extractall(partial)
-        else:
-            with tarfile.open(local) as archive:
-                archive.extractall(partial, filter='data')
-        os.replace(partial, unpacked)
+    with FileLock(unpacked + '.lock'):
+        if not os.path.isdir(unpacked):
+            partial = unpacked + '.part'
+            shutil.rmtree(partial, ignore_errors=True)
+            if local.endswith('.zip'):
+                with zipfile.ZipFile(local) as archive:
+                    archive.extractall(partial)
+            else:
+                with tarfile.open(local) as archive:
+                    archive.extractall(partial, filter='data')
+            os.replace(partial, unpacked)
     found = sorted(glob.glob(os.path.join(unpacked, '**', '*.pdparams'), recursive=True))
     if not found:
         raise DownloadError(f"{path}: the archive holds no .pdparams file")

@@ -1,8 +1,11 @@
 """Downloads: once into the cache, atomically, unpacked when an archive, and a fast clear error offline."""
 import hashlib
+import os
 import http.server
 import io
 import socket
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -17,9 +20,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
     files = {}
     etags = {}
     hits = []
+    delay = 0.0  # seconds before answering, so that concurrent requests overlap
 
     def do_GET(self):
         self.hits.append(self.path)
+        time.sleep(self.delay)
         body = self.files.get(self.path)
         if body is None:
             self.send_error(404)
@@ -39,10 +44,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
 def server():
     httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
     Handler.hits.clear()
+    Handler.delay = 0.0
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield f'http://127.0.0.1:{httpd.server_address[1]}'
     httpd.shutdown()
+
+
+def downloaded_files(folder):
+    """Files under ``folder`` except the lock files that let one process download at a time."""
+    return sorted(p for p in folder.rglob('*') if p.is_file() and p.suffix != '.lock')
 
 
 def pdparams_bytes(tmp_path):
@@ -63,7 +74,7 @@ def test_a_checksum_mismatch_keeps_nothing(server, tmp_path):
     Handler.files['/zoo/bad.pdparams'] = b'xyz'
     with pytest.raises(DownloadError, match='checksum mismatch'):
         cached_path(f'{server}/zoo/bad.pdparams', sha256='0' * 64, cache_dir=str(tmp_path))
-    assert not [p for p in tmp_path.rglob('*') if p.is_file()]
+    assert not downloaded_files(tmp_path)
 
 
 def test_the_servers_md5_etag_is_verified(server, tmp_path):
@@ -74,21 +85,41 @@ def test_the_servers_md5_etag_is_verified(server, tmp_path):
     assert open(cached_path(f'{server}/zoo/ok.pdparams', cache_dir=str(tmp_path)), 'rb').read() == body
     with pytest.raises(DownloadError, match=r'tampered\.pdparams: checksum mismatch \(MD5 [0-9a-f]{32}, the server says'):
         cached_path(f'{server}/zoo/tampered.pdparams', cache_dir=str(tmp_path))
-    assert sorted(p.name for p in tmp_path.rglob('*') if p.is_file()) == ['ok.pdparams']
+    assert [p.name for p in downloaded_files(tmp_path)] == ['ok.pdparams']
+
+
+def tar_gz_bytes(name, payload):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode='w:gz') as archive:
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        archive.addfile(info, io.BytesIO(payload))
+    return buffer.getvalue()
 
 
 def test_an_archive_is_unpacked_to_its_pdparams(server, tmp_path, monkeypatch):
     monkeypatch.setattr('emanet.download.CACHE_DIR', str(tmp_path / 'cache'))
     payload = pdparams_bytes(tmp_path)
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode='w:gz') as archive:
-        info = tarfile.TarInfo('ResNet18_vd_pretrained/model.pdparams')
-        info.size = len(payload)
-        archive.addfile(info, io.BytesIO(payload))
-    Handler.files['/backbone.tar.gz'] = buffer.getvalue()
+    Handler.files['/backbone.tar.gz'] = tar_gz_bytes('ResNet18_vd_pretrained/model.pdparams', payload)
     local = weights_path(f'{server}/backbone.tar.gz')
     assert local.endswith('ResNet18_vd_pretrained/model.pdparams')
     assert open(local, 'rb').read() == payload
+
+
+def test_processes_starting_together_download_and_unpack_once(server, tmp_path):
+    payload = pdparams_bytes(tmp_path)
+    Handler.files['/backbone.tar.gz'] = tar_gz_bytes('ResNet18_vd_pretrained/model.pdparams', payload)
+    Handler.delay = 1.0  # every process asks while the first download is still under way
+    probe = 'import sys; from emanet.download import weights_path; print(weights_path(sys.argv[1]))'
+    env = dict(os.environ, EMANET_CACHE=str(tmp_path / 'cache'))
+    processes = [subprocess.Popen([sys.executable, '-c', probe, f'{server}/backbone.tar.gz'], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = [process.communicate(timeout=120) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0, 0], [err for _, err in outputs]
+    paths = {out.split()[-1] for out, _ in outputs}
+    assert len(paths) == 1 and open(paths.pop(), 'rb').read() == payload
+    assert Handler.hits == ['/backbone.tar.gz']
+    assert not list((tmp_path / 'cache').rglob('*.part'))
 
 
 def test_an_unreachable_server_fails_fast_naming_the_url(tmp_path):

@@ -24,6 +24,7 @@ import shutil
 
 import cv2
 import numpy as np
+from filelock import FileLock
 from cityscapesscripts.helpers.labels import name2label
 
 from emanet.data.cityscapes import ID_TO_TRAIN_ID, Cityscapes
@@ -43,6 +44,7 @@ DEFAULT_SIZE = (256, 128)
 # Bump when the drawing changes, so that existing folders are redrawn.
 GENERATOR_VERSION = 1
 MARKER_FILE = '.complete'
+LOCK_FILE = '.lock'
 CITIES = {'train': ('emaburg', 'pixelheim', 'rasterdam'), 'val': ('valbruck', 'testhausen')}
 SPLIT_SEEDS = {'train': 0, 'val': 1}
 # Cityscapes annotates the 20th frame of each 30-frame snippet.
@@ -81,7 +83,16 @@ def make_street_scenes(root, num_train=DEFAULT_NUM_TRAIN, num_val=DEFAULT_NUM_VA
     marker = os.path.join(root, MARKER_FILE)
     if _read_marker(marker) == parameters:
         return root
+    os.makedirs(root, exist_ok=True)
+    # Every rank of a data-parallel run builds the dataset: one draws, the others wait and reuse it.
+    with FileLock(os.path.join(root, LOCK_FILE)):
+        if _read_marker(marker) != parameters:
+            _draw_all(root, marker, parameters, workers)
+    return root
 
+
+def _draw_all(root, marker, parameters, workers):
+    """Delete this generator's city folders and the marker, draw every scene, then write the marker."""
     if os.path.exists(marker):
         os.remove(marker)
     for split, cities in CITIES.items():
@@ -89,14 +100,14 @@ def make_street_scenes(root, num_train=DEFAULT_NUM_TRAIN, num_val=DEFAULT_NUM_VA
             for city in cities:
                 shutil.rmtree(os.path.join(root, folder, split, city), ignore_errors=True)
 
-    tasks = [(root, split, index, (width, height), seed)
-             for split, count in (('train', num_train), ('val', num_val)) for index in range(count)]
+    size, seed = tuple(parameters['size']), parameters['seed']
+    tasks = [(root, split, index, size, seed) for split in ('train', 'val')
+             for index in range(parameters[f'num_{split}'])]
     convert_all(_write_scene, tasks, workers, 'drawing street scenes')
 
     with open(marker + '.part', 'w') as out:
         json.dump(parameters, out)
     os.replace(marker + '.part', marker)
-    return root
 
 
 def scene_stem(split, index):

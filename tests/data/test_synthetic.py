@@ -2,6 +2,8 @@
 import glob
 import os
 import re
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -140,3 +142,14 @@ def test_our_cityscapes_dataset_reads_it(scenes):
     validation = Cityscapes(transforms=[T.Normalize()], dataset_root=scenes, mode='val')
     assert len(validation) == SMALL['num_val']
     assert validation[0]['label'].shape == (1, 64, 128)
+
+
+def test_processes_starting_together_draw_the_scenes_once(tmp_path):
+    probe = ('import sys; from emanet.data.synthetic import make_street_scenes; '
+             'make_street_scenes(sys.argv[1], num_train=12, num_val=4, size=(64, 32), workers=1)')
+    processes = [subprocess.Popen([sys.executable, '-c', probe, str(tmp_path / 'scenes')],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [process.communicate(timeout=120) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], [err for _, err in outputs]
+    assert sum('drawing street scenes' in err for _, err in outputs) == 1
+    assert len(files(str(tmp_path / 'scenes'), 'leftImg8bit/*/*/*.png')) == 16
