@@ -28,8 +28,10 @@ class EMAU(nn.Layer):
     With several data-parallel processes the batch mean is all-reduced first, so
     every rank holds identical bases. In eval mode the bases never change.
 
-    The EM steps always run in float32, also inside ``paddle.amp.auto_cast``:
-    the softmax and the normalisations lose too much precision in fp16/bf16.
+    The EM steps always run in float32, also inside ``paddle.amp.auto_cast`` and when
+    ``paddle.amp.decorate(level='O2')`` has cast ``mu`` to fp16/bf16: the softmax and the
+    normalisations lose too much precision there. The bases are blended in float32 and
+    stored back in ``mu``'s own dtype.
 
     Args:
         channels (int): C, the channels of the input and output.
@@ -62,7 +64,7 @@ class EMAU(nn.Layer):
 
     def em_steps(self, feats):
         """Run T EM iterations on feats [B, C, N]; return bases [B, C, K] and responsibilities [B, N, K]."""
-        bases = paddle.tile(self.mu, [paddle.shape(feats)[0], 1, 1])  # [B, C, K]
+        bases = paddle.tile(self.mu.astype('float32'), [paddle.shape(feats)[0], 1, 1])  # [B, C, K]
         feats_t = feats.transpose([0, 2, 1])  # [B, N, C]
         for _ in range(self.stage_num):
             resp = F.softmax(paddle.bmm(feats_t, bases), axis=2)  # [B, N, K]
@@ -78,4 +80,5 @@ class EMAU(nn.Layer):
             dist.all_reduce(batch_bases)
             batch_bases = batch_bases / world_size
         batch_bases = F.normalize(batch_bases, p=2, axis=1)
-        paddle.assign(self.mu * (1 - self.momentum) + batch_bases * self.momentum, output=self.mu)
+        blended = self.mu.astype('float32') * (1 - self.momentum) + batch_bases * self.momentum
+        paddle.assign(blended.astype(self.mu.dtype), output=self.mu)

@@ -3,6 +3,8 @@ import numpy as np
 import paddle
 import pytest
 
+from paddle.amp.auto_cast import amp_initialize
+
 from emanet.models import EMAU
 
 
@@ -121,3 +123,32 @@ def test_large_activations_give_finite_output_and_bases(scale):
     assert np.isfinite(out).all()
     assert per_pixel_norm(out).max() <= 1.0 + 1e-5
     assert np.isfinite(unit.mu.numpy()).all()
+
+
+@pytest.mark.parametrize('dtype', ['float16', 'bfloat16'])
+@pytest.mark.parametrize('training', [False, True])
+def test_a_unit_cast_as_amp_o2_does_still_runs_em_in_float32(dtype, training):
+    momentum = 0.25
+    unit = make_unit(32, 16, 3, momentum=momentum)
+    # What paddle.amp.decorate(level='O2') does on a GPU to every layer it does not exclude.
+    amp_initialize([unit], dtype=dtype, excluded_layers=[])
+    assert unit.mu.dtype == getattr(paddle, dtype)
+    unit.train() if training else unit.eval()
+    x = (paddle.randn([2, 32, 6, 8]) * 4).astype(dtype)
+    mu_before = unit.mu.astype('float32').numpy()
+    out = unit(x)
+    assert out.dtype == x.dtype and unit.mu.dtype == getattr(paddle, dtype)
+    out32 = out.astype('float32').numpy()
+    assert np.isfinite(out32).all()
+    expected, final_bases = reference_em(x.astype('float32').numpy(), mu_before, 3)
+    # Float32 EM, then one rounding of the output to the low-precision dtype.
+    assert rel_err(out32, expected) < (1e-2 if dtype == 'bfloat16' else 2e-3)
+    mu_after = unit.mu.astype('float32').numpy()
+    if training:
+        batch_bases = final_bases.mean(axis=0, keepdims=True)
+        batch_bases /= np.linalg.norm(batch_bases, axis=1, keepdims=True)
+        expected_mu = (1 - momentum) * mu_before + momentum * batch_bases
+        assert rel_err(mu_after, expected_mu) < (1e-2 if dtype == 'bfloat16' else 2e-3)
+        assert not np.array_equal(mu_after, mu_before)
+    else:
+        np.testing.assert_array_equal(mu_after, mu_before)
