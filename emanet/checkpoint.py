@@ -115,10 +115,24 @@ def load_weights(model, path, strict=True):
         raise CheckpointError(f"{path}: no weight fits {model.__class__.__name__} ({problems})")
     if problems:
         logger.warning("%s: loading the matching weights only; %s", path, problems)
-    model.set_state_dict(matching)
+    model.set_state_dict({k: _in_dtype_of(v, expected[k]) for k, v in matching.items()})
     logger.info("Loaded %d/%d weights of %s from %s", len(matching), len(expected),
                 model.__class__.__name__, path)
     return model
+
+
+def _in_dtype_of(value, tensor):
+    """``value`` in ``tensor``'s float32/float64 dtype: half-precision checkpoints (as AMP O2 may
+    write them) load into a float32 model without loss, which Paddle's set_state_dict refuses."""
+    target = {paddle.float32: np.float32, paddle.float64: np.float64}.get(tensor.dtype)
+    value = np.asarray(value)
+    if target is None or value.dtype == target:
+        return value
+    if value.dtype == np.uint16:  # how Paddle pickles bfloat16: the upper half of a float32's bits
+        return (value.astype(np.uint32) << 16).view(np.float32).astype(target)
+    if np.issubdtype(value.dtype, np.floating):
+        return value.astype(target)
+    return value
 
 
 def _describe(missing, unexpected, mismatched, limit=8):
@@ -131,10 +145,17 @@ def _describe(missing, unexpected, mismatched, limit=8):
 
 
 
+# Where an optimizer keeps the float32 copies of half-precision parameters (AMP O2), by parameter name.
+MASTER_WEIGHTS_KEY = 'master_weights'
+
+
 def _rename_accumulators(state, renames):
-    """Rename optimizer keys '<param name>_<accumulator>' by the param-name mapping ``renames``."""
+    """Rename optimizer keys '<param name>_<accumulator>' and master weights by the param-name mapping ``renames``."""
     renamed = {}
     for key, value in state.items():
+        if key == MASTER_WEIGHTS_KEY:
+            renamed[key] = {renames.get(name, name): weight for name, weight in value.items()}
+            continue
         new_key = key
         if isinstance(key, str):
             for cut in range(len(key)):
@@ -158,4 +179,20 @@ def optimizer_state_by_structure(model, optimizer):
 def load_optimizer_state(model, optimizer, state):
     """Inverse of ``optimizer_state_by_structure``: restore accumulators and the lr schedule."""
     renames = {name: param.name for name, param in model.named_parameters()}
-    optimizer.set_state_dict(_rename_accumulators(state, renames))
+    state = _rename_accumulators(state, renames)
+    if MASTER_WEIGHTS_KEY in state:  # the optimizer uses them as tensors, as it made them
+        state[MASTER_WEIGHTS_KEY] = {name: paddle.to_tensor(np.asarray(weight, np.float32))
+                                     for name, weight in state[MASTER_WEIGHTS_KEY].items()}
+    optimizer.set_state_dict(state)
+
+
+def float32_state_dict(model, optimizer=None):
+    """The model's state_dict in float32, for saving: under AMP O2 a half-precision parameter is
+    replaced by the optimizer's float32 master copy (the weights training really holds)."""
+    masters = getattr(optimizer, '_master_weights', None) or {}
+    names = {name: param.name for name, param in model.named_parameters()}
+    state = {}
+    for key, value in model.state_dict().items():
+        value = masters.get(names.get(key), value)
+        state[key] = value.astype('float32') if value.dtype in (paddle.float16, paddle.bfloat16) else value
+    return state

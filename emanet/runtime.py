@@ -47,6 +47,7 @@ def parse_device(device):
 def set_device(device, cpu_threads=None, tune_allocator=True):
     """Select 'cpu', 'gpu' or 'gpu:N'; a GPU request on a CPU build of Paddle is one clear error.
 
+    Under ``paddle.distributed.launch`` the process joins the others (NCCL on GPU, gloo on CPU).
     On CPU, each process takes its share of the cores for math (``cpu_threads`` overrides it).
     With ``tune_allocator``, large host allocations stay in the heap (``tune_cpu_allocator``).
     """
@@ -57,6 +58,8 @@ def set_device(device, cpu_threads=None, tune_allocator=True):
     if kind == 'gpu' and number is None and dist.get_world_size() > 1:
         device = f'gpu:{dist.ParallelEnv().device_id}'  # the GPU the launcher gave this process
     paddle.set_device(device)
+    if dist.get_world_size() > 1 and not dist.is_initialized():
+        dist.init_parallel_env()  # started by paddle.distributed.launch: join the other processes
     if device == 'cpu':
         if fast_mkl_applied():
             logger.info("AMD CPU: set %s=%s so that MKL uses its AVX2 kernels (about 2.5x faster dygraph "

@@ -1,12 +1,53 @@
 """Shared fixtures: a tiny generic dataset and a config writer (no downloads, a few seconds to train)."""
+import http.server
 import os
 import textwrap
+import threading
+import time
 
 import cv2
 import numpy as np
 import pytest
 
 TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools')
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Serves ``files`` (path -> bytes) with their size and optional MD5 ETags, recording each request."""
+
+    files = {}
+    etags = {}
+    hits = []
+    delay = 0.0  # seconds before answering, so that concurrent requests overlap
+
+    def do_GET(self):
+        self.hits.append(self.path)
+        time.sleep(self.delay)
+        body = self.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header('Content-Length', str(len(body)))
+        if self.path in self.etags:
+            self.send_header('ETag', f'"{self.etags[self.path]}"')
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    """A file server on 127.0.0.1 for the test's duration; its base URL (no outside network)."""
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+    Handler.hits.clear()
+    Handler.delay = 0.0
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f'http://127.0.0.1:{httpd.server_address[1]}'
+    httpd.shutdown()
 
 
 def draw_sample(rng, height=64, width=96):

@@ -1,54 +1,18 @@
 """Downloads: once into the cache, atomically, unpacked when an archive, and a fast clear error offline."""
 import hashlib
-import os
-import http.server
 import io
+import os
 import socket
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 
 import paddle
 import pytest
 
+from conftest import Handler
 from emanet.download import DownloadError, cached_path, weights_path
-
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    files = {}
-    etags = {}
-    hits = []
-    delay = 0.0  # seconds before answering, so that concurrent requests overlap
-
-    def do_GET(self):
-        self.hits.append(self.path)
-        time.sleep(self.delay)
-        body = self.files.get(self.path)
-        if body is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header('Content-Length', str(len(body)))
-        if self.path in self.etags:
-            self.send_header('ETag', f'"{self.etags[self.path]}"')
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def server():
-    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-    Handler.hits.clear()
-    Handler.delay = 0.0
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f'http://127.0.0.1:{httpd.server_address[1]}'
-    httpd.shutdown()
 
 
 def downloaded_files(folder):

@@ -30,7 +30,7 @@ def parse_args(argv=None):
 
 def main(args):
     cfg = load_config_from_args(args)
-    train(cfg, save_dir=args.save_dir, device=args.device, num_workers=args.num_workers,
+    return train(cfg, save_dir=args.save_dir, device=args.device, num_workers=args.num_workers,
           do_eval=args.do_eval, use_vdl=args.use_vdl, resume_model=args.resume_model,
           save_interval=args.save_interval, log_iters=args.log_iters,
           keep_checkpoint_max=args.keep_checkpoint_max, seed=args.seed, precision=args.precision,

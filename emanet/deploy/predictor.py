@@ -4,6 +4,7 @@ import os
 import cv2
 import numpy as np
 import paddle
+import paddle.distributed as dist
 from paddle import inference
 from paddle.base import core
 from paddleseg.cvlibs import manager
@@ -12,6 +13,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from emanet.deploy.export import read_deploy_config
+from emanet.engine.distributed import process_share
 from emanet.engine.evaluate import metrics_for, report_metrics
 from emanet.engine.inference import reverse_transform
 from emanet.engine.predict import color_map, list_images, save_pseudo_color
@@ -166,9 +168,12 @@ def evaluate_predictor(predictor, dataset, save_json=None):
 
     The predictor preprocesses each image with the deploy config's transforms, so the
     dataset's own transforms are not used; labels are compared at their original size.
+    Under ``paddle.distributed.launch`` each process takes its share and the counts are summed.
     """
     metrics = metrics_for(dataset)
-    for image_path, label_path in tqdm(dataset.file_list, desc='evaluate', unit='image'):
+    files = [dataset.file_list[index] for index in process_share(len(dataset.file_list))]
+    for image_path, label_path in tqdm(files, desc='evaluate', unit='image', disable=dist.get_rank() != 0):
         label = np.asarray(Image.open(label_path))
         metrics.update(predictor.predict(image_path), label)
+    metrics.sum_over_processes()
     return report_metrics(metrics, save_json)

@@ -151,12 +151,17 @@ def collate_train(samples):
 
 
 class EvalSamples(paddle.io.Dataset):
-    """(image, label, trans_info) for evaluation, one image at a time (sizes may differ)."""
+    """(image, label, trans_info) for evaluation, one image at a time (sizes may differ).
 
-    def __init__(self, dataset):
+    ``indices``: the dataset's images to take (this process's share), by default all.
+    """
+
+    def __init__(self, dataset, indices=None):
         self.dataset = dataset
+        self.indices = list(range(len(dataset))) if indices is None else list(indices)
 
-    def __getitem__(self, index):
+    def __getitem__(self, position):
+        index = self.indices[position]
         try:
             data = load_sample(self.dataset, index)
             label = data['label'].astype('int64')
@@ -167,7 +172,7 @@ class EvalSamples(paddle.io.Dataset):
         return data['img'].astype('float32'), label, data.get('trans_info', [])
 
     def __len__(self):
-        return len(self.dataset)
+        return len(self.indices)
 
 
 def collate_one(batch):

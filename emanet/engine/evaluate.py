@@ -1,10 +1,14 @@
 """Evaluation: mIoU and friends over a dataset, with flip, multi-scale and sliding-window inference."""
+import contextlib
 import json
 import time
 
 import paddle
+import paddle.distributed as dist
+from tqdm import tqdm
 
 from emanet.engine.data import EvalSamples, collate_one, raise_if_error
+from emanet.engine.distributed import process_share
 from emanet.engine.inference import infer_logits, reverse_transform
 from emanet.engine.metrics import SegMetrics, format_report
 from emanet.logger import logger
@@ -33,24 +37,31 @@ def predict_logits(model, images, aug_eval=False, scales=1.0, flip_horizontal=Fa
                         flip_vertical=flip_vertical, is_slide=is_slide, crop_size=crop_size, stride=stride)
 
 
-def evaluate(model, dataset, num_workers=0, save_json=None, **augment):
+def evaluate(model, dataset, num_workers=0, save_json=None, autocast=None, **augment):
     """Evaluate ``model`` on ``dataset`` (a PaddleSeg dataset in 'val' mode); log and return the metrics.
 
     Predictions are mapped back to the label's resolution (undoing the val transforms)
-    before they are compared with it.
+    before they are compared with it. Under ``paddle.distributed.launch`` every process
+    evaluates its share of the images and the confusion matrices are summed, so the metrics
+    equal a single process's exactly. ``autocast``: ``paddle.amp.auto_cast`` arguments, for a
+    model trained with mixed precision (evaluation during training runs as training does).
     """
-    loader = paddle.io.DataLoader(EvalSamples(dataset), batch_size=1, num_workers=num_workers,
+    share = process_share(len(dataset))
+    loader = paddle.io.DataLoader(EvalSamples(dataset, share), batch_size=1, num_workers=num_workers,
                                   collate_fn=collate_one, return_list=True)
     metrics = metrics_for(dataset)
     model.eval()
-    logger.info("Start evaluating (total_samples: %d)...", len(dataset))
+    logger.info("Start evaluating (total_samples: %d, processes: %d)...", len(dataset), dist.get_world_size())
     start = time.time()
     with paddle.no_grad():
-        for image, label, trans_info in loader:
+        for image, label, trans_info in tqdm(loader, desc='evaluate', unit='image',
+                                             disable=dist.get_rank() != 0):
             raise_if_error(image, label)
-            logits = predict_logits(model, paddle.to_tensor(image), **augment)
-            logits = reverse_transform(logits, trans_info)
+            with paddle.amp.auto_cast(**autocast) if autocast else contextlib.nullcontext():
+                logits = predict_logits(model, paddle.to_tensor(image), **augment)
+            logits = reverse_transform(logits.astype('float32'), trans_info)
             metrics.update(paddle.argmax(logits, axis=1).numpy(), label)
+    metrics.sum_over_processes()
     return report_metrics(metrics, save_json, seconds=time.time() - start)
 
 
@@ -64,7 +75,7 @@ def report_metrics(metrics, save_json=None, **extra):
     """Compute, log (the grep-able [EVAL] line and the per-class table) and optionally save metrics."""
     result = dict(metrics.compute(), **extra)
     logger.info("%s", format_report(result))
-    if save_json:
+    if save_json and dist.get_rank() == 0:
         with open(save_json, 'w') as f:
             json.dump(result, f, indent=2)
     return result

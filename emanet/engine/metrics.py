@@ -7,6 +7,8 @@ reported as NaN and left out of the mean, as the official Cityscapes evaluator d
 import numpy as np
 import paddle
 
+from emanet.engine.distributed import sum_over_processes
+
 
 def confusion_matrix(pred, label, num_classes, ignore_index=255):
     """Count pixels by (ground-truth class, predicted class), skipping pixels labelled ``ignore_index``.
@@ -62,6 +64,12 @@ class SegMetrics:
         self.confusion += confusion_matrix(pred, label, self.num_classes, self.ignore_index)
         self.num_images += label.shape[0] if label.ndim in (3, 4) else 1
 
+    def sum_over_processes(self):
+        """Add up every data-parallel process's confusion matrix and image count (exact: integers)."""
+        totals = sum_over_processes(np.append(self.confusion.reshape(-1), self.num_images))
+        self.confusion = totals[:-1].reshape(self.num_classes, self.num_classes)
+        self.num_images = int(totals[-1])
+
     def compute(self):
         """Metrics of everything seen so far, as JSON-serialisable python floats and lists (NaN = undefined)."""
         confusion = self.confusion.astype(np.float64)
@@ -91,6 +99,7 @@ class SegMetrics:
             'class_dice': class_dice.tolist(),
             'num_images': self.num_images,
             'class_names': self.class_names,
+            'confusion_matrix': self.confusion.tolist(),
         }
 
 

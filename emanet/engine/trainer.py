@@ -15,12 +15,14 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
-from emanet.checkpoint import (load_optimizer_state, load_weights, optimizer_state_by_structure,
-                               read_state, save_state)
+from emanet.checkpoint import (float32_state_dict, load_optimizer_state, load_weights,
+                               optimizer_state_by_structure, read_state, save_state)
 from emanet.config import Builder
 from emanet.engine.data import ResumableBatchSampler, TrainSamples, collate_train, raise_if_error
+from emanet.engine.distributed import average_batch_norm_statistics
 from emanet.engine.evaluate import evaluate
 from emanet.logger import logger
+from emanet.models import EMAU
 from emanet.runtime import set_device
 
 CHECKPOINT_PREFIX = 'iter_'
@@ -31,17 +33,37 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-def amp_settings(precision, device):
+def amp_settings(precision, device, amp_level='O1'):
     """(auto_cast kwargs or None, needs a GradScaler) for --precision, refusing what Paddle can't do here."""
     if precision == 'fp32':
         return None, False
     if precision not in ('fp16', 'bf16'):
         raise ValueError(f"--precision must be fp32, fp16 or bf16, got '{precision}'")
+    if amp_level not in ('O1', 'O2'):
+        raise ValueError(f"--amp_level must be O1 or O2, got '{amp_level}'")
     if device.startswith('cpu'):
         raise RuntimeError(f"--precision {precision} needs a GPU: Paddle's automatic mixed precision "
                            "does nothing on CPU, use --precision fp32 there")
     dtype = 'float16' if precision == 'fp16' else 'bfloat16'
-    return {'dtype': dtype}, precision == 'fp16'
+    return {'dtype': dtype, 'level': amp_level}, precision == 'fp16'
+
+
+def decorate_for_amp(model, optimizer, autocast):
+    """For AMP O2: the model's weights in fp16/bf16 with float32 master copies in the optimizer.
+
+    The EM units stay in float32 (their bases are a moving average that half precision would
+    stall), as do the norm layers (Paddle's own default). O1 and fp32 change nothing.
+    """
+    if autocast is None or autocast['level'] != 'O2':
+        return model, optimizer
+    return paddle.amp.decorate(models=model, optimizers=optimizer, level='O2', dtype=autocast['dtype'],
+                               master_weight=True, excluded_layers=[EMAU])
+
+
+def scaler_state(scaler):
+    """A GradScaler's state as plain JSON values ({} without a scaler or when it is disabled)."""
+    state = scaler.state_dict() if scaler is not None else {}
+    return {key: np.asarray(value).tolist() if key == 'scale' else value for key, value in state.items()}
 
 
 def find_latest_checkpoint(save_dir):
@@ -54,17 +76,21 @@ def find_latest_checkpoint(save_dir):
     return os.path.join(save_dir, f'{CHECKPOINT_PREFIX}{max(iters)}') if iters else None
 
 
-def save_checkpoint(folder, model, optimizer, state):
+def save_checkpoint(folder, model, optimizer, state, scaler=None):
     """Write model.pdparams, model.pdopt and train_state.json into ``folder`` atomically.
 
-    The files go to ``folder.part`` first; the rename to ``folder`` happens only once all
-    are written, so a crash leaves the previous checkpoint as the newest complete one.
+    Weights are saved in float32 (under AMP O2, the optimizer's master copies); the GradScaler's
+    state goes into train_state.json. The files go to ``folder.part`` first; the rename to
+    ``folder`` happens only once all are written, so a crash leaves the previous checkpoint
+    as the newest complete one.
     """
     partial = folder + '.part'
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
-    save_state(model.state_dict(), os.path.join(partial, 'model.pdparams'))
+    save_state(float32_state_dict(model, optimizer), os.path.join(partial, 'model.pdparams'))
     save_state(optimizer_state_by_structure(model, optimizer), os.path.join(partial, 'model.pdopt'))
+    if scaler_state(scaler):
+        state = dict(state, grad_scaler=scaler_state(scaler))
     with open(os.path.join(partial, STATE_FILE), 'w') as f:
         json.dump(state, f, indent=2)
     previous = folder + '.old'
@@ -84,10 +110,14 @@ def read_train_state(folder):
         return json.load(f)
 
 
-def load_checkpoint(folder, model, optimizer):
-    """Restore model, optimizer (with its lr schedule) and EM bases from a checkpoint folder."""
+def load_checkpoint(folder, model, optimizer, scaler=None):
+    """Restore model, optimizer (with its lr schedule and any master weights), EM bases and the
+    GradScaler's loss scale from a checkpoint folder."""
     load_weights(model, os.path.join(folder, 'model.pdparams'))
     load_optimizer_state(model, optimizer, read_state(os.path.join(folder, 'model.pdopt')))
+    saved_scaler = read_train_state(folder).get('grad_scaler')
+    if scaler is not None and saved_scaler:
+        scaler.load_state_dict(saved_scaler)
 
 
 def remove_old_checkpoints(save_dir, keep):
@@ -123,9 +153,7 @@ def train(cfg, save_dir='output', device='cpu', num_workers=0, do_eval=False, us
     """
     device = set_device(device)
     world_size, rank = dist.get_world_size(), dist.get_rank()
-    if world_size > 1:
-        dist.init_parallel_env()
-    autocast, use_scaler = amp_settings(precision, device)
+    autocast, use_scaler = amp_settings(precision, device, amp_level)
 
     start_iter, best = 0, {'miou': -1.0, 'iter': -1}
     if resume_model == 'latest':
@@ -148,15 +176,14 @@ def train(cfg, save_dir='output', device='cpu', num_workers=0, do_eval=False, us
     optimizer = builder.optimizer
     lr_scheduler = builder.lr_scheduler
     total_iters, batch_size = cfg.iters, cfg.batch_size
+    scaler = paddle.amp.GradScaler(init_loss_scaling=1024) if use_scaler else None
     if resume_model:
-        load_checkpoint(resume_model, model, optimizer)
+        # Into the float32 model, before any O2 cast; the master weights come with the optimizer.
+        load_checkpoint(resume_model, model, optimizer, scaler)
         logger.info("Resumed from %s: continuing at iteration %d", resume_model, start_iter + 1)
     if world_size > 1 and device.startswith('gpu'):
         model = paddle.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if autocast is not None and amp_level == 'O2':
-        model, optimizer = paddle.amp.decorate(models=model, optimizers=optimizer, level='O2',
-                                               dtype=autocast['dtype'])
-    scaler = paddle.amp.GradScaler(init_loss_scaling=1024) if use_scaler else None
+    model, optimizer = decorate_for_amp(model, optimizer, autocast)
     trained_model = paddle.DataParallel(model) if world_size > 1 else model
 
     sampler = ResumableBatchSampler(len(train_dataset), batch_size, total_iters, seed,
@@ -182,7 +209,7 @@ def train(cfg, save_dir='output', device='cpu', num_workers=0, do_eval=False, us
         raise_if_error(images, labels)
         paddle.seed(seed + iteration)  # dropout masks depend on the iteration only, for exact resume
         if autocast is not None:
-            with paddle.amp.auto_cast(level=amp_level, **autocast):
+            with paddle.amp.auto_cast(**autocast):
                 logits = trained_model(images)
         else:
             logits = trained_model(images)
@@ -220,22 +247,30 @@ def train(cfg, save_dir='output', device='cpu', num_workers=0, do_eval=False, us
                 writer.add_scalar('Train/batch_cost', batch_cost, iteration)
             window = {'loss': 0.0, 'batch': 0.0, 'reader': 0.0, 'n': 0}
 
-        if (iteration % save_interval == 0 or iteration == total_iters) and rank == 0:
+        if iteration % save_interval == 0 or iteration == total_iters:
+            # Every rank evaluates its share and saves nothing; rank 0 writes the one checkpoint.
+            average_batch_norm_statistics(model)
+            evaluation = None
             if do_eval:
-                result = evaluate(model, val_dataset, num_workers=num_workers, **(eval_kwargs or {}))
+                evaluation = evaluate(model, val_dataset, num_workers=num_workers, autocast=autocast,
+                                      **(eval_kwargs or {}))
                 model.train()
-                if writer is not None:
-                    writer.add_scalar('Evaluate/mIoU', result['miou'], iteration)
-                    writer.add_scalar('Evaluate/Acc', result['acc'], iteration)
-                if result['miou'] > best['miou']:
-                    best = {'miou': result['miou'], 'iter': iteration}
-                    best_dir = os.path.join(save_dir, 'best_model')
-                    save_checkpoint(best_dir, model, optimizer, {'iter': iteration, 'seed': seed, 'best': best})
-                logger.info("[EVAL] The model with the best validation mIoU (%.4f) was saved at iter %d.",
-                            best['miou'], best['iter'])
-            folder = os.path.join(save_dir, f'{CHECKPOINT_PREFIX}{iteration}')
-            save_checkpoint(folder, model, optimizer, {'iter': iteration, 'seed': seed, 'best': best})
-            remove_old_checkpoints(save_dir, keep_checkpoint_max)
+                if evaluation['miou'] > best['miou']:
+                    best = {'miou': evaluation['miou'], 'iter': iteration}
+            if rank == 0:
+                state = {'iter': iteration, 'seed': seed, 'best': best}
+                if evaluation is not None:
+                    state['evaluation'] = evaluation
+                    if writer is not None:
+                        writer.add_scalar('Evaluate/mIoU', evaluation['miou'], iteration)
+                        writer.add_scalar('Evaluate/Acc', evaluation['acc'], iteration)
+                    if best['iter'] == iteration:
+                        save_checkpoint(os.path.join(save_dir, 'best_model'), model, optimizer, state, scaler)
+                    logger.info("[EVAL] The model with the best validation mIoU (%.4f) was saved at iter %d.",
+                                best['miou'], best['iter'])
+                folder = os.path.join(save_dir, f'{CHECKPOINT_PREFIX}{iteration}')
+                save_checkpoint(folder, model, optimizer, state, scaler)
+                remove_old_checkpoints(save_dir, keep_checkpoint_max)
         tic = time.time()
 
     if writer is not None:

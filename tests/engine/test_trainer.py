@@ -99,7 +99,7 @@ def test_mixed_precision_on_cpu_is_refused_in_one_sentence(tiny_config, tmp_path
         "nothing on CPU, use --precision fp32 there")
 
 
-def test_two_processes_end_with_identical_weights_and_bases_and_save_once(tiny_config, tmp_path):
+def test_two_processes_end_with_identical_weights_bases_and_batch_norm_statistics_and_save_once(tiny_config, tmp_path):
     cfg = tiny_config()
     cmd = [sys.executable, '-m', 'paddle.distributed.launch', '--nproc_per_node', '2',
            '--log_dir', str(tmp_path / 'log'), os.path.join(HERE, 'dist_train_worker.py'),
@@ -108,9 +108,9 @@ def test_two_processes_end_with_identical_weights_and_bases_and_save_once(tiny_c
     logs = ''.join(p.read_text() for p in (tmp_path / 'log').glob('workerlog.*'))
     assert result.returncode == 0, logs[-3000:]
     ranks = [np.load(tmp_path / f'rank{r}.npz', allow_pickle=True) for r in range(2)]
-    parameters = [k for k in ranks[0].files if k != 'writers' and not k.endswith(('_mean', '_variance'))]
-    assert 'head.emau.mu' in parameters
-    for key in parameters:
+    state = [k for k in ranks[0].files if k != 'writers']
+    assert 'head.emau.mu' in state and 'head.bottleneck._batch_norm._variance' in state
+    for key in state:  # parameters, EM bases and (averaged at each save) BatchNorm statistics
         np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
     assert len(ranks[0]['writers']) == 2 and len(ranks[1]['writers']) == 0
     assert sorted(os.listdir(tmp_path / 'out')) == ['iter_4', 'iter_6']
