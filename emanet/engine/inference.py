@@ -1,10 +1,10 @@
 """Logits for a batch of images: test-time augmentation, sliding window, undoing PaddleSeg's transforms.
 
-Same semantics as PaddleSeg's ``aug_inference``/``slide_inference``, but on GPU the flipped
-copies of an image go through the model in one batch with it, and the sliding window stays on
-the device instead of accumulating in numpy. On CPU a batch of copies is no faster than one
-copy after another (ResNet50, 1024x512, 2 cores, same process: 2.08x against 1.98x single-scale)
-and needs more memory, so there they run one at a time.
+Same semantics as PaddleSeg's ``aug_inference``/``slide_inference``, and like them one forward
+pass per scale and flip on every device: a batch of every flipped copy would multiply the peak
+memory (a Cityscapes R101 multi-scale + flip evaluation at 1024x2048 would no longer fit a GPU
+where PaddleSeg's does) and is no faster on CPU (ResNet50, 1024x512, 2 cores: 2.08x against
+1.98x single-scale). The sliding window stays on the device instead of accumulating in numpy.
 """
 import collections.abc
 
@@ -34,18 +34,11 @@ def infer_logits(model, images, scales=(1.0,), flip_horizontal=False, flip_verti
     summed = None
     for scale in scales:
         scaled = _resize(images, int(height * scale + 0.5), int(width * scale + 0.5))
-        for flip, flipped_logits in zip(flips, _flipped_logits(model, scaled, flips, is_slide, crop_size, stride)):
+        for flip in flips:
+            flipped_logits = _forward(model, _flip(scaled, flip), is_slide, crop_size, stride)  # [N, C, h, w]
             restored = _resize(_flip(flipped_logits, flip), height, width)  # [N, C, H, W]
             summed = restored if summed is None else summed + restored
     return summed / (len(scales) * len(flips))
-
-
-def _flipped_logits(model, images, flips, is_slide, crop_size, stride):
-    """Logits [N, C, h, w] of each flipped copy of images (still flipped): one batch on GPU, one by one on CPU."""
-    if images.place.is_cpu_place():
-        return [_forward(model, _flip(images, flip), is_slide, crop_size, stride) for flip in flips]
-    batch = paddle.concat([_flip(images, flip) for flip in flips], axis=0)  # [F*N, 3, h, w]
-    return paddle.split(_forward(model, batch, is_slide, crop_size, stride), len(flips), axis=0)
 
 
 def _flip_combinations(flip_horizontal, flip_vertical):

@@ -108,8 +108,8 @@ def test_multi_scale_averages_the_logits_resized_back_to_the_input():
     np.testing.assert_allclose(logits.numpy(), expected.numpy(), atol=1e-6)
 
 
-def test_flipped_copies_run_one_at_a_time_on_cpu():
-    # On GPU they share one model call per scale; on CPU that is no faster and needs more memory.
+def test_every_scale_and_flip_is_one_forward_of_the_batch_alone():
+    # As PaddleSeg: the peak batch is the input's, on every device (no branch looks at the device).
     model = CountingModel(PointwiseModel())
     images = random_images(2, 3, 6, 6)
     infer_logits(model, images, scales=(0.5, 1.0), flip_horizontal=True, flip_vertical=True)
