@@ -44,6 +44,11 @@ def parse_device(device):
     raise ValueError(f"device must be 'cpu', 'gpu' or 'gpu:N' (N a GPU number), got '{device}'")
 
 
+def launcher_gpu_id():
+    """The GPU that paddle.distributed.launch gave this process (FLAGS_selected_gpus), 0 outside it."""
+    return int(os.environ.get('FLAGS_selected_gpus', '0').split(',')[0])
+
+
 def set_device(device, cpu_threads=None, tune_allocator=True):
     """Select 'cpu', 'gpu' or 'gpu:N'; a GPU request on a CPU build of Paddle is one clear error.
 
@@ -56,7 +61,7 @@ def set_device(device, cpu_threads=None, tune_allocator=True):
         raise RuntimeError("--device gpu needs paddlepaddle-gpu; this Paddle is a CPU build "
                            "(install paddlepaddle-gpu, or use --device cpu)")
     if kind == 'gpu' and number is None and dist.get_world_size() > 1:
-        device = f'gpu:{dist.ParallelEnv().device_id}'  # the GPU the launcher gave this process
+        device = f'gpu:{launcher_gpu_id()}'
     paddle.set_device(device)
     if dist.get_world_size() > 1 and not dist.is_initialized():
         dist.init_parallel_env()  # started by paddle.distributed.launch: join the other processes

@@ -17,37 +17,49 @@ from emanet.engine.distributed import process_share
 from emanet.engine.evaluate import metrics_for, report_metrics
 from emanet.engine.inference import reverse_transform
 from emanet.engine.predict import color_map, list_images, save_pseudo_color
+from emanet.runtime import launcher_gpu_id, parse_device
 
-DEVICES = ('cpu', 'gpu')
 PRECISIONS = ('fp32', 'bf16', 'fp16')
+# The EM unit's products, softmax and normalisations (see EMAU) lose too much in fp16; Paddle
+# Inference's mixed precision keeps these operators in float32. The convolutions stay in fp16.
+FLOAT32_OPS = frozenset({'bmm', 'softmax', 'p_norm', 'maximum', 'divide'})
+GPU_MEMORY_POOL_MB = 256
 
 
 def inference_config(model_file, params_file, device='cpu', precision='fp32', cpu_threads=None):
     """A Paddle Inference config: oneDNN on CPU (bf16 kernels for 'bf16'), CUDA on GPU ('fp16' there).
 
-    A combination this machine or build cannot run ends in one ValueError/RuntimeError sentence.
-    ``cpu_threads`` None uses every core.
+    ``device`` is 'cpu', 'gpu' or 'gpu:N'. A combination this machine or build cannot run ends in
+    one ValueError/RuntimeError sentence. ``cpu_threads`` None uses every core.
     """
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got '{device}'")
+    kind, gpu_id = parse_device(device)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    if kind == 'gpu' and not paddle.is_compiled_with_cuda():
+        raise RuntimeError("device 'gpu' needs PaddlePaddle built with CUDA; this one is CPU-only")
     config = inference.Config(model_file, params_file)
     config.disable_glog_info()
-    if device == 'gpu':
-        if not paddle.is_compiled_with_cuda():
-            raise RuntimeError("device 'gpu' needs PaddlePaddle built with CUDA; this one is CPU-only")
+    return configure(config, kind, gpu_id, precision, cpu_threads)
+
+
+def configure(config, kind, gpu_id, precision, cpu_threads=None):
+    """Apply device and precision to ``config`` (an ``inference.Config``) and return it."""
+    # With a fixed input shape, Paddle 3.3's inplace pass breaks the EM unit's last product under
+    # oneDNN (its output is wrong by ~90%). Whether it does on GPU cannot be checked here; the pass
+    # only saves memory, so it is off on every device.
+    config.delete_pass('inplace_pass')
+    if kind == 'gpu':
         if precision == 'bf16':
             raise ValueError("bf16 runs on CPU only (oneDNN); on GPU use fp16 or fp32")
         half = precision == 'fp16'
-        config.enable_use_gpu(256, 0, inference.PrecisionType.Half if half else inference.PrecisionType.Float32)
+        config.enable_use_gpu(GPU_MEMORY_POOL_MB, launcher_gpu_id() if gpu_id is None else gpu_id,
+                              inference.PrecisionType.Half if half else inference.PrecisionType.Float32)
+        if half:
+            config.exp_disable_mixed_precision_ops(set(FLOAT32_OPS))
         return config
     if precision == 'fp16':
         raise ValueError("fp16 runs on GPU only; on CPU use bf16 or fp32")
     config.enable_mkldnn()
-    # With a fixed input shape, Paddle 3.3's inplace pass breaks the EM unit's last product under
-    # oneDNN (its output is wrong by ~90%); without the pass every shape gives the dygraph values.
-    config.delete_pass('inplace_pass')
     config.set_cpu_math_library_num_threads(cpu_threads or os.cpu_count())
     if precision == 'bf16':
         if not core.supports_bfloat16():
@@ -91,7 +103,7 @@ class Predictor:
 
     Args:
         deploy_path: deploy.yaml, or the folder holding it.
-        device: 'cpu' (oneDNN) or 'gpu'.
+        device: 'cpu' (oneDNN), 'gpu' or 'gpu:N'.
         precision: 'fp32'; 'bf16' on a CPU with AVX-512; 'fp16' on GPU.
         cpu_threads: math threads on CPU; None uses every core.
     """
