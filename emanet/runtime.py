@@ -24,8 +24,9 @@ from emanet.logger import logger
 # mallopt() parameters, from glibc's malloc.h.
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-# Blocks up to this size come from the heap, not from their own mmap.
-MMAP_THRESHOLD_BYTES = 1 << 30
+# Blocks up to this size come from the heap, not from their own mmap: 1 GiB, or the most that
+# glibc before 2.35 accepts (half its 64 MiB HEAP_MAX_SIZE on 64-bit systems).
+MMAP_THRESHOLD_CHOICES = (1 << 30, 32 << 20)
 # Free heap memory above this stays with the process instead of going back to the OS.
 TRIM_THRESHOLD_BYTES = (1 << 31) - 1
 ALLOCATOR_VARIABLE = 'EMANET_TUNE_MALLOC'
@@ -115,22 +116,46 @@ def set_cpu_threads(threads):
     core.set_num_threads(int(threads))
 
 
-def tune_cpu_allocator():
+def tune_cpu_allocator(libc=None):
     """Serve large allocations from glibc's heap and keep freed memory for reuse.
 
-    Returns True when applied. Does nothing (False) off glibc or when the environment sets
-    EMANET_TUNE_MALLOC=0. The process keeps its peak memory rather than returning it to the OS.
+    Each setting is applied on its own, the mmap threshold at the largest size glibc accepts:
+    1 GiB, or 32 MiB where glibc is older than 2.35 (Ubuntu 20.04, the base of Paddle's images),
+    which refuses more. Returns what was applied, e.g. {'mmap_threshold': 1073741824,
+    'trim_threshold': 2147483647} ({} off glibc or when EMANET_TUNE_MALLOC=0), and logs it once.
+    The process keeps its peak memory rather than returning it to the OS.
     """
     if os.environ.get(ALLOCATOR_VARIABLE, '1') == '0':
-        return False
-    libc = _glibc()
+        return {}
+    libc = libc or _glibc()
     if libc is None:
-        return False
-    applied = (libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
-               and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1)
-    if not applied:
-        logger.warning("glibc refused the allocator settings; large tensors stay mmap-allocated (slower on CPU)")
+        return {}
+    applied = {}
+    for size in MMAP_THRESHOLD_CHOICES:
+        if libc.mallopt(M_MMAP_THRESHOLD, size) == 1:
+            applied['mmap_threshold'] = size
+            break
+    if libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1:
+        applied['trim_threshold'] = TRIM_THRESHOLD_BYTES
+    _log_allocator_once(applied)
     return applied
+
+
+_allocator_logged = None
+
+
+def _log_allocator_once(applied):
+    global _allocator_logged
+    if applied == _allocator_logged:
+        return
+    _allocator_logged = applied
+    if 'mmap_threshold' in applied:
+        logger.info("CPU allocator: blocks up to %d MiB come from glibc's heap and freed memory is %s "
+                    "(faster dygraph on CPU; %s=0 turns this off)", applied['mmap_threshold'] >> 20,
+                    'kept for reuse' if 'trim_threshold' in applied else 'returned (glibc refused the trim setting)',
+                    ALLOCATOR_VARIABLE)
+    else:
+        logger.warning("glibc refused the mmap threshold; large tensors stay mmap-allocated (slower on CPU)")
 
 
 def _glibc():

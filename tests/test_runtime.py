@@ -42,7 +42,7 @@ def test_tuned_allocator_reuses_freed_memory_instead_of_faulting_it_in_again():
 
 def test_allocator_tuning_can_be_turned_off(monkeypatch):
     monkeypatch.setenv(runtime.ALLOCATOR_VARIABLE, '0')
-    assert runtime.tune_cpu_allocator() is False
+    assert runtime.tune_cpu_allocator() == {}
 
 
 def test_gpu_on_a_cpu_build_is_one_clear_error():
@@ -81,3 +81,40 @@ def test_device_names(device, parsed):
 def test_a_bad_device_name_is_one_clear_error(device):
     with pytest.raises(ValueError, match=f"'cpu', 'gpu' or 'gpu:N'.*got '{device}'"):
         runtime.parse_device(device)
+
+
+class OldGlibc:
+    """mallopt as glibc before 2.35 answers it: an mmap threshold above 32 MiB is refused (0)."""
+
+    def __init__(self, refuse_trim=False):
+        self.calls = []
+        self.refuse_trim = refuse_trim
+
+    def mallopt(self, parameter, value):
+        self.calls.append((parameter, value))
+        if parameter == runtime.M_MMAP_THRESHOLD:
+            return int(value <= 32 << 20)
+        return int(not self.refuse_trim)
+
+
+def test_older_glibc_gets_the_largest_threshold_it_accepts_and_the_trim_setting_still(monkeypatch):
+    monkeypatch.setenv(runtime.ALLOCATOR_VARIABLE, '1')
+    libc = OldGlibc()
+    assert runtime.tune_cpu_allocator(libc) == {'mmap_threshold': 32 << 20, 'trim_threshold': (1 << 31) - 1}
+    assert libc.calls == [(runtime.M_MMAP_THRESHOLD, 1 << 30), (runtime.M_MMAP_THRESHOLD, 32 << 20),
+                          (runtime.M_TRIM_THRESHOLD, (1 << 31) - 1)]
+
+
+def test_each_setting_is_applied_on_its_own(monkeypatch):
+    monkeypatch.setenv(runtime.ALLOCATOR_VARIABLE, '1')
+    assert runtime.tune_cpu_allocator(OldGlibc(refuse_trim=True)) == {'mmap_threshold': 32 << 20}
+
+
+@pytest.mark.skipif(runtime._glibc() is None, reason='the allocator tuning is glibc-only')
+def test_the_log_line_says_what_was_applied():
+    probe = ("from emanet import runtime; from emanet.logger import setup_logging; "
+             "setup_logging(); runtime.tune_cpu_allocator()")
+    env = dict(os.environ, EMANET_TUNE_MALLOC='1')
+    result = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, env=env, check=True)
+    assert ("CPU allocator: blocks up to 1024 MiB come from glibc's heap and freed memory is kept for reuse"
+            in result.stdout)
