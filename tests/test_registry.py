@@ -1,9 +1,14 @@
 """`import emanet` makes PaddleSeg's YAML pipeline build this package's model."""
+import subprocess
+import sys
 import textwrap
 
+import pytest
 from paddleseg.cvlibs import Config, SegBuilder, manager
 
 import emanet
+import emanet.data.cityscapes
+import emanet.registry
 
 
 def test_paddleseg_yaml_builds_our_emanet(tmp_path):
@@ -36,3 +41,32 @@ def test_paddleseg_yaml_builds_our_emanet(tmp_path):
     assert type(model) is emanet.EMANet
     assert manager.MODELS['EMANet'] is emanet.EMANet
     assert model.head.emau.mu.shape == [1, 512, 16]
+
+
+def test_paddlesegs_replaced_components_stay_reachable():
+    import paddleseg.datasets
+    import paddleseg.models
+    from emanet.registry import paddleseg_original
+    assert manager.DATASETS['Cityscapes'] is emanet.data.cityscapes.Cityscapes
+    assert manager.DATASETS['PaddleSegCityscapes'] is paddleseg.datasets.Cityscapes
+    assert manager.LOSSES['PaddleSegCrossEntropyLoss'] is paddleseg.models.CrossEntropyLoss
+    assert manager.MODELS['PaddleSegEMANet'] is paddleseg.models.EMANet
+    assert paddleseg_original('PascalVOC') is paddleseg.datasets.PascalVOC
+    with pytest.raises(KeyError, match="replaced no PaddleSeg component named 'ResNet50_vd'"):
+        paddleseg_original('ResNet50_vd')
+
+
+def test_import_says_once_what_it_replaced_and_how_to_reach_the_originals():
+    result = subprocess.run([sys.executable, '-c', 'import emanet'], capture_output=True, text=True, check=True)
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if "emanet replaces PaddleSeg's" in line]
+    assert len(lines) == 1
+    assert ("emanet replaces PaddleSeg's EMANet, CrossEntropyLoss, OhemCrossEntropyLoss, Dataset, Cityscapes, "
+            "PascalVOC in PaddleSeg's registries") in lines[0]
+    assert 'type: PaddleSeg<Name>' in lines[0]
+
+
+def test_registering_again_keeps_paddlesegs_classes_as_the_originals():
+    import paddleseg.datasets
+    emanet.registry.register_all()
+    assert manager.DATASETS['PaddleSegCityscapes'] is paddleseg.datasets.Cityscapes
+    assert manager.DATASETS['Cityscapes'] is emanet.data.cityscapes.Cityscapes
