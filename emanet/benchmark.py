@@ -50,7 +50,9 @@ from emanet.models import EMAU, EMANet
 from emanet.runtime import set_cpu_threads, tune_cpu_allocator
 
 # Parts a user can leave out with --skip.
-PARTS = ('macs', 'paddleseg', 'inference', 'bf16', 'flip', 'train', 'em_unit')
+PARTS = ('macs', 'paddleseg', 'inference', 'bf16', 'flip', 'msflip', 'train', 'em_unit')
+# The published multi-scale + flip evaluation.
+MULTI_SCALES = (0.75, 1.0, 1.25)
 # EM unit and non-local block are compared on a feature map [1, 512, H, W]; by default
 # (W, H) = (128, 64), the EM head's input for a 1024x512 image at output stride 8.
 ATTENTION_CHANNELS = 512
@@ -69,6 +71,7 @@ ROWS = {
     'infer_fp32': '(c) ours, exported, inference fp32',
     'infer_bf16': '(d) ours, exported, inference bf16',
     'eval_ours_flip': 'ours, dygraph eval + horizontal flip',
+    'eval_ours_msflip': 'ours, dygraph eval, scales 0.75/1.0/1.25 + flip',
     'train_ours': '(a) ours, train step',
     'train_paddleseg': "(b) PaddleSeg 2.8.0, train step, Paddle's default allocator",
     'train_paddleseg_default_threads': "(b) PaddleSeg 2.8.0, train step, Paddle's defaults (1 math thread)",
@@ -268,9 +271,9 @@ def measure_eval(spec):
     model.eval()
     images = paddle.to_tensor(random_images(spec['input_shape'], spec['seed']))
 
-    def forward(flip):
+    def forward(flip, scales=1.0):
         with paddle.no_grad():
-            return predict_logits(model, images, aug_eval=flip, flip_horizontal=flip)
+            return predict_logits(model, images, aug_eval=flip, flip_horizontal=flip, scales=scales)
 
     single, logits = time_calls(lambda: forward(False), spec['runs'], spec['warmup'], spec['device'])
     np.save(spec['labels_path'], paddle.argmax(logits, axis=1).numpy().astype('int32'))
@@ -278,6 +281,9 @@ def measure_eval(spec):
     if spec.get('flip'):
         results[spec['name'] + '_flip'], _ = time_calls(lambda: forward(True), spec['runs'], spec['warmup'],
                                                         spec['device'], setup_mb=single['setup_mb'])
+    if spec.get('msflip'):  # one forward per scale and flip: its working memory is about one forward's
+        results[spec['name'] + '_msflip'], _ = time_calls(lambda: forward(True, MULTI_SCALES), spec['runs'],
+                                                          spec['warmup'], spec['device'], setup_mb=single['setup_mb'])
     return results
 
 
@@ -416,7 +422,8 @@ def plan_jobs(skip, device, threads, bf16_supported):
     """The worker processes to run, as partial specs ({'name', 'kind', ...}), in order;
     and {row name: reason} for rows this machine cannot measure."""
     jobs, unavailable = [], {}
-    jobs.append({'name': 'eval_ours', 'kind': 'eval', 'implementation': 'ours', 'flip': 'flip' not in skip})
+    jobs.append({'name': 'eval_ours', 'kind': 'eval', 'implementation': 'ours', 'flip': 'flip' not in skip,
+                 'msflip': 'msflip' not in skip})
     if 'paddleseg' not in skip:
         jobs.append({'name': 'eval_paddleseg', 'kind': 'eval', 'implementation': 'paddleseg', 'runtime': 'paddle'})
         jobs.append({'name': 'eval_paddleseg_tuned', 'kind': 'eval', 'implementation': 'paddleseg'})
@@ -592,8 +599,9 @@ def _ratios(variants):
         reference = _reference_of(name)
         if name != reference and median(name) and median(reference):
             ratios[f'{name}_speedup_vs_{reference}'] = median(reference) / median(name)
-    if median('eval_ours_flip') and median('eval_ours'):
-        ratios['flip_over_single_scale'] = median('eval_ours_flip') / median('eval_ours')
+    for augmented in ('flip', 'msflip'):
+        if median(f'eval_ours_{augmented}') and median('eval_ours'):
+            ratios[f'{augmented}_over_single_scale'] = median(f'eval_ours_{augmented}') / median('eval_ours')
     if median('train_ours') and median('train_paddleseg_default_threads'):
         # Ours as our trainer can run it against PaddleSeg's model as PaddleSeg's trainer runs it.
         ratios['train_ours_speedup_vs_train_paddleseg_default_threads'] = (
@@ -607,12 +615,12 @@ def _ratios(variants):
 
 
 def _reference_of(name):
-    """The row a row's speed is compared with; None for flip, reported as a ratio to single-scale."""
+    """The row a row's speed is compared with; None for flip and ms+flip, reported as ratios to single-scale."""
     if name.startswith('train'):
         return 'train_paddleseg'
     if name in ('em_unit', 'non_local'):
         return 'non_local'
-    return None if name == 'eval_ours_flip' else 'eval_paddleseg'
+    return None if name in ('eval_ours_flip', 'eval_ours_msflip') else 'eval_paddleseg'
 
 
 # --- the report ----------------------------------------------------------------------------------
@@ -683,6 +691,10 @@ def _findings(results):
     ratios, labels = results['ratios'], results['labels']
     if 'flip_over_single_scale' in ratios:
         lines.append(f"Flip evaluation costs {ratios['flip_over_single_scale']:.2f}x single-scale (target <= 1.9x).")
+    if 'msflip_over_single_scale' in ratios:
+        lines.append(f"Multi-scale ({'/'.join(map(str, MULTI_SCALES))}) + flip evaluation costs "
+                     f"{ratios['msflip_over_single_scale']:.2f}x single-scale, one forward at a time "
+                     "(its working MB is about a single forward's at the largest scale).")
     same_runtime = [f"{kind} {_speedup(1, ratios[f'{kind}_ours_speedup_vs_{kind}_paddleseg_tuned'])}"
                     for kind in ('eval', 'train') if f'{kind}_ours_speedup_vs_{kind}_paddleseg_tuned' in ratios]
     if same_runtime:

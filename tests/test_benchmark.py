@@ -26,7 +26,8 @@ def test_benchmark_tool_reports_every_variant(tmp_path):
     assert process.returncode == 0, process.stderr[-3000:]
     results = json.loads(out.read_text())
 
-    measured = ['eval_ours', 'eval_paddleseg', 'eval_paddleseg_tuned', 'infer_fp32', 'eval_ours_flip', 'train_ours',
+    measured = ['eval_ours', 'eval_paddleseg', 'eval_paddleseg_tuned', 'infer_fp32', 'eval_ours_flip',
+                'eval_ours_msflip', 'train_ours',
                 'train_paddleseg', 'train_paddleseg_default_threads', 'train_paddleseg_tuned', 'em_unit', 'non_local']
     if core.supports_bfloat16():
         measured.append('infer_bf16')
@@ -50,6 +51,8 @@ def test_benchmark_tool_reports_every_variant(tmp_path):
         assert 0 <= results['labels'][f'{name}_vs_eval_ours_pct'] <= 100
     assert results['labels']['eval_paddleseg_vs_eval_ours_pct'] > 99.9  # the same weights
     assert results['ratios']['flip_over_single_scale'] > 0
+    # Six forwards, at 0.56x, 1x and 1.56x the pixels, against one.
+    assert results['ratios']['msflip_over_single_scale'] > results['ratios']['flip_over_single_scale']
     assert results['ratios']['train_ours_speedup_vs_train_paddleseg'] > 0
     assert results['ratios']['eval_ours_speedup_vs_eval_paddleseg_tuned'] > 0
     assert results['ratios']['train_ours_speedup_vs_train_paddleseg_tuned'] > 0
