@@ -9,8 +9,9 @@ use_fast_mkl_on_amd()  # before any matrix product of this process
 
 from emanet.models import EMAU, EMAHead, EMANet  # noqa: E402
 from emanet.registry import register_all  # noqa: E402
+from emanet.zoo import create_model, list_models  # noqa: E402
 
 __version__ = '0.1.0'
-__all__ = ['EMAU', 'EMAHead', 'EMANet']
+__all__ = ['EMAU', 'EMAHead', 'EMANet', 'create_model', 'list_models']
 
 register_all()
