@@ -41,9 +41,9 @@ from emanet.checkpoint import load_weights, save_state
 from emanet.config import Builder, ConfigError, build_model, closest, load_config
 from emanet.deploy.export import export_model, export_stage
 from emanet.deploy.predictor import Predictor
-from emanet.engine.data import EvalSamples, raise_if_error
+from emanet.data.loading import EvalSamples, raise_if_error
 from emanet.engine.evaluate import predict_logits
-from emanet.engine.losses import CrossEntropyLoss
+from emanet.models.losses import CrossEntropyLoss
 from emanet.engine.metrics import SegMetrics
 from emanet.logger import logger
 from emanet.models import EMAU, EMANet

@@ -50,9 +50,9 @@ def replacement_notice():
 def register_all():
     from emanet.data.cityscapes import Cityscapes
     from emanet.data.dataset import Dataset
-    from emanet.data.synthetic import StreetScenes
+    from emanet.data.street_scenes import StreetScenes
     from emanet.data.voc import PascalVOC
-    from emanet.engine.losses import CrossEntropyLoss, OhemCrossEntropyLoss
+    from emanet.models.losses import CrossEntropyLoss, OhemCrossEntropyLoss
     from emanet.models import EMANet
     register(manager.MODELS, EMANet)
     register(manager.LOSSES, CrossEntropyLoss)

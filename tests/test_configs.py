@@ -7,7 +7,7 @@ from PIL import Image
 
 from emanet import EMANet
 from emanet.config import Builder, load_config
-from emanet.data.synthetic import make_street_scenes
+from emanet.data.scene_painter import make_street_scenes
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 PUBLISHED = {

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import TOOLS
-from emanet.engine.cityscapes_eval import official_miou
+from cityscapes_eval import official_miou
 
 CONFIG = '''
 batch_size: 2

@@ -1,1 +1,1 @@
-"""Datasets: a Cityscapes reader that pairs files by name, and the synthetic quick-start street scenes."""
+"""Data: datasets (Cityscapes paired by file name, VOC, the drawn quick-start street scenes), their preparation, and loading for training and evaluation."""

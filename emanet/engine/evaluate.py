@@ -7,7 +7,7 @@ import paddle
 import paddle.distributed as dist
 from tqdm import tqdm
 
-from emanet.engine.data import EvalSamples, collate_one, raise_if_error
+from emanet.data.loading import EvalSamples, collate_one, raise_if_error
 from emanet.engine.distributed import process_share
 from emanet.engine.inference import infer_logits, reverse_transform
 from emanet.engine.metrics import SegMetrics, format_report

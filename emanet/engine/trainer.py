@@ -18,7 +18,7 @@ import paddle.distributed as dist
 from emanet.checkpoint import (float32_state_dict, load_optimizer_state, load_weights,
                                optimizer_state_by_structure, read_state, save_state)
 from emanet.config import Builder
-from emanet.engine.data import ResumableBatchSampler, TrainSamples, collate_train, raise_if_error
+from emanet.data.loading import ResumableBatchSampler, TrainSamples, collate_train, raise_if_error
 from emanet.engine.distributed import average_batch_norm_statistics
 from emanet.engine.evaluate import evaluate
 from emanet.logger import logger

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import TOOLS
 from emanet.config import Builder, load_config
-from emanet.engine.data import SampleError
+from emanet.data.loading import SampleError
 from emanet.engine.evaluate import evaluate
 from emanet.engine.trainer import train
 

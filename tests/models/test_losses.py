@@ -4,7 +4,7 @@ import paddle
 import pytest
 from paddleseg.cvlibs import manager
 
-from emanet.engine.losses import CrossEntropyLoss, OhemCrossEntropyLoss
+from emanet.models.losses import CrossEntropyLoss, OhemCrossEntropyLoss
 
 IGNORE = 255
 

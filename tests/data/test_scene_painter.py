@@ -13,7 +13,7 @@ from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 from cityscapesscripts.helpers.labels import name2label
 
 from emanet.data.cityscapes import Cityscapes
-from emanet.data.synthetic import SCENE_CLASSES, SCENE_TRAIN_IDS, make_street_scenes, scene_stem
+from emanet.data.scene_painter import SCENE_CLASSES, SCENE_TRAIN_IDS, make_street_scenes, scene_stem
 
 SMALL = dict(num_train=24, num_val=6, size=(128, 64))
 
@@ -145,7 +145,7 @@ def test_our_cityscapes_dataset_reads_it(scenes):
 
 
 def test_processes_starting_together_draw_the_scenes_once(tmp_path):
-    probe = ('import sys; from emanet.data.synthetic import make_street_scenes; '
+    probe = ('import sys; from emanet.data.scene_painter import make_street_scenes; '
              'make_street_scenes(sys.argv[1], num_train=12, num_val=4, size=(64, 32), workers=1)')
     processes = [subprocess.Popen([sys.executable, '-c', probe, str(tmp_path / 'scenes')],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]

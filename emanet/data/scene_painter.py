@@ -27,7 +27,7 @@ import numpy as np
 from filelock import FileLock
 from cityscapesscripts.helpers.labels import name2label
 
-from emanet.data.cityscapes import ID_TO_TRAIN_ID, Cityscapes
+from emanet.data.cityscapes import ID_TO_TRAIN_ID
 from emanet.data.files import convert_all
 
 # The Cityscapes classes the scenes contain; the label maps keep the full 19-class trainId space.
@@ -530,17 +530,3 @@ def _fill_rounded_rectangle(mask, left, top, right, bottom, radius):
     for x, y in ((left + radius, top + radius), (right - radius, top + radius),
                  (left + radius, bottom - radius), (right - radius, bottom - radius)):
         cv2.circle(mask, (x, y), radius, 1, -1)
-
-
-class StreetScenes(Cityscapes):
-    """The quick-start dataset: street scenes drawn into ``dataset_root`` on first use, read as Cityscapes.
-
-    Args:
-        transforms, dataset_root, mode, edge: as ``Cityscapes``.
-        num_train, num_val, size, seed: passed to ``emanet.data.synthetic.make_street_scenes``.
-    """
-
-    def __init__(self, transforms, dataset_root='data/street_scenes', mode='train', edge=False,
-                 num_train=DEFAULT_NUM_TRAIN, num_val=DEFAULT_NUM_VAL, size=DEFAULT_SIZE, seed=0):
-        make_street_scenes(dataset_root, num_train=num_train, num_val=num_val, size=tuple(size), seed=seed)
-        super().__init__(transforms, dataset_root, mode=mode, edge=edge)
