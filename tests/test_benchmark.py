@@ -10,8 +10,10 @@ import paddle.nn as nn
 from paddle.base import core
 
 from conftest import TOOLS
-from emanet.benchmark import count_macs, em_unit_macs
-from emanet.models import EMAU
+
+sys.path.insert(0, TOOLS)
+from benchmarking import count_macs, em_unit_macs  # noqa: E402  tools/benchmarking.py
+from emanet.models import EMAU  # noqa: E402
 
 RUNS = 1
 ROUNDS = 2

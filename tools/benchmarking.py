@@ -1,5 +1,7 @@
 """Speed and memory of EMANet on this machine: ours against PaddleSeg 2.8.0's, dygraph against exported.
 
+The measuring code behind tools/benchmark.py; it uses the emanet package and is not part of it.
+
 ``run_benchmark`` measures, for one set of random weights:
 
 - parameters and multiply-adds (Conv2D layers by forward hooks, the EM unit by its formula);
@@ -79,7 +81,11 @@ ROWS = {
     'em_unit': 'EM unit',
     'non_local': 'non-local block (embedded Gaussian)',
 }
-WORKER_CODE = 'import sys; from emanet.benchmark import run_worker; run_worker(sys.argv[1])'
+# Each measurement is a fresh process running this module's run_worker (a module beside the tools,
+# not part of the emanet package).
+WORKER_CODE = ('import sys; sys.path.insert(0, sys.argv[2]); from benchmarking import run_worker; '
+               'run_worker(sys.argv[1])')
+TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def em_unit_macs(num_pixels, channels, num_bases, stage_num):
@@ -380,7 +386,8 @@ def run_in_subprocess(spec, work_dir):
     spec_path = os.path.join(work_dir, f'{name}.spec.json')
     with open(spec_path, 'w') as f:
         json.dump(spec, f)
-    process = subprocess.run([sys.executable, '-c', WORKER_CODE, spec_path], capture_output=True, text=True)
+    process = subprocess.run([sys.executable, '-c', WORKER_CODE, spec_path, TOOLS_DIR], capture_output=True,
+                             text=True)
     if process.returncode != 0:
         tail = '\n'.join(process.stderr.strip().splitlines()[-15:])
         raise RuntimeError(f"benchmark variant {name} failed (exit code {process.returncode}):\n{tail}")
