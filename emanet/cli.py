@@ -44,10 +44,11 @@ def augment_flags(args):
             ('aug_eval', 'scales', 'flip_horizontal', 'flip_vertical', 'is_slide', 'crop_size', 'stride')}
 
 
-def load_config_from_args(args):
+def load_config_from_args(args, training=True):
+    """The config of --config with the command line's overrides; ``training`` as for ``load_config``."""
     return load_config(args.config, learning_rate=getattr(args, 'learning_rate', None),
                        batch_size=getattr(args, 'batch_size', None), iters=getattr(args, 'iters', None),
-                       opts=getattr(args, 'opts', None))
+                       opts=getattr(args, 'opts', None), training=training)
 
 
 def run_cli(main, args):

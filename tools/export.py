@@ -8,7 +8,7 @@ from emanet.deploy.export import OUTPUT_OPS, export_model, export_stage
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument('--config', required=True, help='YAML config file')
+    parser.add_argument('--config', required=True, help='YAML config file (model and val_dataset are enough)')
     parser.add_argument('--model_path', required=True, help='model.pdparams file or URL')
     parser.add_argument('--save_dir', default='output/inference_model', help='where model.* and deploy.yaml go')
     parser.add_argument('--input_shape', nargs=4, type=int, metavar=('N', 'C', 'H', 'W'),
@@ -20,7 +20,7 @@ def parse_args(argv=None):
 
 
 def main(args):
-    cfg = load_config_from_args(args)
+    cfg = load_config_from_args(args, training=False)
     transforms = cfg.val_dataset_cfg.get('transforms')
     if not transforms:
         raise ConfigError(f"{args.config}: val_dataset has no transforms; the export stores them for inference")

@@ -25,7 +25,7 @@ def parse_args(argv=None):
 
 def main(args):
     set_device(args.device)
-    cfg = load_config_from_args(args)
+    cfg = load_config_from_args(args, training=False)
     model = build_model(cfg, weights=args.model_path)
     builder = Builder(cfg)
     count = predict(model, builder.val_transforms, args.image_path, args.save_dir,

@@ -31,7 +31,7 @@ def parse_args(argv=None):
 
 def main(args):
     set_device(args.device)
-    cfg = load_config_from_args(args)
+    cfg = load_config_from_args(args, training=False)
     if os.path.isdir(args.model_path):
         augment = {k: v for k, v in augment_flags(args).items() if v}
         if augment:

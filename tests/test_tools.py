@@ -1,0 +1,58 @@
+"""What the tools do from the configs users give them, and what they log.
+
+Each tool runs in its own process, as a user runs it, on the tiny dataset of conftest.py.
+"""
+import os
+import re
+import subprocess
+import sys
+
+import paddle
+import pytest
+import yaml
+
+from conftest import CONFIG, TOOLS
+from emanet.config import build_model, load_config
+
+EVAL_LINE = re.compile(r'^.*\[EVAL\] #Images: 2 mIoU: .*$', re.M)
+
+
+def run_tool(name, *args):
+    """stdout and stderr of tools/<name>, which must succeed."""
+    result = subprocess.run([sys.executable, os.path.join(TOOLS, name), *map(str, args)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope='module')
+def minimal(tiny_dataset, tmp_path_factory):
+    """A config with only model and val_dataset, and weights for its model."""
+    work = tmp_path_factory.mktemp('tools')
+    full = yaml.safe_load(CONFIG.format(root=tiny_dataset))
+    config = work / 'minimal.yml'
+    config.write_text(yaml.safe_dump({key: full[key] for key in ('model', 'val_dataset')}))
+    weights = work / 'model.pdparams'
+    paddle.seed(0)
+    paddle.save(build_model(load_config(str(config), training=False)).state_dict(), str(weights))
+    return {'config': config, 'weights': weights, 'work': work, 'images': tiny_dataset}
+
+
+@pytest.fixture(scope='module')
+def logs(minimal):
+    """What export, val (of the weights and of the export) and predict print from the minimal config."""
+    exported = minimal['work'] / 'exported'
+    return {
+        'export': run_tool('export.py', '--config', minimal['config'], '--model_path', minimal['weights'],
+                           '--save_dir', exported),
+        'val': run_tool('val.py', '--config', minimal['config'], '--model_path', minimal['weights']),
+        'val_exported': run_tool('val.py', '--config', minimal['config'], '--model_path', exported),
+        'predict': run_tool('predict.py', '--config', minimal['config'], '--model_path', minimal['weights'],
+                            '--image_path', minimal['images'] / '8.jpg', '--save_dir', minimal['work'] / 'pred'),
+    }
+
+
+def test_export_val_and_predict_need_only_model_and_val_dataset(minimal, logs):
+    assert (minimal['work'] / 'exported' / 'deploy.yaml').is_file()
+    assert EVAL_LINE.search(logs['val']) and EVAL_LINE.search(logs['val_exported'])
+    assert (minimal['work'] / 'pred' / 'pseudo_color_prediction' / '8.png').is_file()
