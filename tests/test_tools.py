@@ -14,6 +14,7 @@ import yaml
 from conftest import CONFIG, TOOLS
 from emanet.config import build_model, load_config
 
+TRAIN_LINE = re.compile(r'\[TRAIN\] epoch: \d+, iter: (\d+)/(\d+), loss: .* \| ETA \d+:\d\d:\d\d$', re.M)
 EVAL_LINE = re.compile(r'^.*\[EVAL\] #Images: 2 mIoU: .*$', re.M)
 
 
@@ -56,3 +57,19 @@ def test_export_val_and_predict_need_only_model_and_val_dataset(minimal, logs):
     assert (minimal['work'] / 'exported' / 'deploy.yaml').is_file()
     assert EVAL_LINE.search(logs['val']) and EVAL_LINE.search(logs['val_exported'])
     assert (minimal['work'] / 'pred' / 'pseudo_color_prediction' / '8.png').is_file()
+
+
+@pytest.fixture(scope='module')
+def training(tiny_dataset, tmp_path_factory):
+    """The log of a short training run, and its save_dir."""
+    work = tmp_path_factory.mktemp('train')
+    config = work / 'config.yml'
+    config.write_text(CONFIG.format(root=tiny_dataset))
+    plain = run_tool('train.py', '--config', config, '--save_dir', work / 'plain', '--iters', 6, '--log_iters', 5,
+                     '--save_interval', 6, '--seed', 0)
+    return {'plain': plain, 'save_dir': work / 'plain'}
+
+
+def test_the_first_training_line_comes_after_one_iteration_with_the_eta(training):
+    lines = TRAIN_LINE.findall(training['plain'])
+    assert [(int(it), int(total)) for it, total in lines] == [(1, 6), (5, 6), (6, 6)]
