@@ -61,15 +61,24 @@ def test_export_val_and_predict_need_only_model_and_val_dataset(minimal, logs):
 
 @pytest.fixture(scope='module')
 def training(tiny_dataset, tmp_path_factory):
-    """The log of a short training run, and its save_dir."""
+    """The logs of a short training run, and of one with PaddleSeg's flags, and the first's save_dir."""
     work = tmp_path_factory.mktemp('train')
     config = work / 'config.yml'
     config.write_text(CONFIG.format(root=tiny_dataset))
     plain = run_tool('train.py', '--config', config, '--save_dir', work / 'plain', '--iters', 6, '--log_iters', 5,
                      '--save_interval', 6, '--seed', 0)
-    return {'plain': plain, 'save_dir': work / 'plain'}
+    paddleseg_flags = run_tool('train.py', '--config', config, '--save_dir', work / 'flags', '--iters', 1,
+                               '--use_ema', '--data_format', 'NHWC', '--repeats', 1, '--seed', 0)
+    return {'plain': plain, 'paddleseg_flags': paddleseg_flags, 'save_dir': work / 'plain'}
 
 
 def test_the_first_training_line_comes_after_one_iteration_with_the_eta(training):
     lines = TRAIN_LINE.findall(training['plain'])
     assert [(int(it), int(total)) for it, total in lines] == [(1, 6), (5, 6), (6, 6)]
+
+
+def test_paddleseg_flags_without_effect_get_one_warning_each(training):
+    warnings = re.compile(r'\[WARNING\] (.*)')  # the emanet logger's (PaddleSeg's has a tab after the level)
+    assert warnings.findall(training['plain']) == []
+    flags = [line.split(' ')[0] for line in warnings.findall(training['paddleseg_flags'])]
+    assert flags == ['--use_ema', '--data_format']

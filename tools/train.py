@@ -1,9 +1,10 @@
 """Train a model from a PaddleSeg-style config: python tools/train.py --config configs/quickstart.yml --do_eval"""
 import argparse
 
-from emanet.cli import add_device_flag, load_config_from_args, run_cli
+from emanet.cli import add_device_flag, add_paddleseg_train_flags, flags_without_effect, load_config_from_args, run_cli
 from emanet.engine.evaluate import augment_options
 from emanet.engine.trainer import train
+from emanet.logger import logger
 
 
 def parse_args(argv=None):
@@ -19,16 +20,23 @@ def parse_args(argv=None):
     parser.add_argument('--batch_size', type=int, help='override the config: images per process')
     parser.add_argument('--learning_rate', type=float, help='override the config: base learning rate')
     parser.add_argument('--save_interval', type=int, default=1000, help='iterations between checkpoints')
-    parser.add_argument('--log_iters', type=int, default=10, help='iterations between log lines')
+    parser.add_argument('--log_iters', type=int, default=10,
+                        help='iterations between log lines (the first iteration is logged too, with the ETA)')
     parser.add_argument('--keep_checkpoint_max', type=int, default=5, help='iter_N folders to keep')
     parser.add_argument('--seed', type=int, help='random seed (default: a random one, saved for resuming)')
-    parser.add_argument('--precision', default='fp32', choices=['fp32', 'fp16', 'bf16'])
-    parser.add_argument('--amp_level', default='O1', choices=['O1', 'O2'])
+    parser.add_argument('--precision', default='fp32', choices=['fp32', 'fp16', 'bf16'],
+                        help='fp16 or bf16: automatic mixed precision, on GPU only (Paddle does none on CPU)')
+    parser.add_argument('--amp_level', default='O1', choices=['O1', 'O2'],
+                        help='with --precision fp16/bf16: O1 casts operator by operator, O2 also casts the '
+                             'weights (BatchNorm stays fp32)')
     parser.add_argument('--opts', nargs='+', default=None, help='config overrides key=value, e.g. model.num_bases=32')
+    add_paddleseg_train_flags(parser)
     return parser.parse_args(argv)
 
 
 def main(args):
+    for note in flags_without_effect(args):
+        logger.warning(note)
     cfg = load_config_from_args(args)
     train(cfg, save_dir=args.save_dir, device=args.device, num_workers=args.num_workers,
           do_eval=args.do_eval, use_vdl=args.use_vdl, resume_model=args.resume_model,
