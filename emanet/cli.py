@@ -6,7 +6,7 @@ import sys
 from emanet.checkpoint import CheckpointError
 from emanet.config import ConfigError, load_config
 from emanet.download import DownloadError
-from emanet.logger import setup_logging
+from emanet.logger import logger, setup_logging
 from emanet.runtime import parse_device
 
 # Errors a user can cause; the tools print their message alone, without a traceback.
@@ -44,6 +44,10 @@ def augment_flags(args):
             ('aug_eval', 'scales', 'flip_horizontal', 'flip_vertical', 'is_slide', 'crop_size', 'stride')}
 
 
+def add_verbose_flag(parser):
+    parser.add_argument('--verbose', action='store_true', help='also log the whole config as loaded')
+
+
 def add_paddleseg_train_flags(parser):
     """Flags of PaddleSeg's tools/train.py that this trainer has no use for, accepted so that
     command lines from PaddleSeg's documentation run; ``flags_without_effect`` says which were given."""
@@ -74,10 +78,13 @@ def flags_without_effect(args):
 
 
 def load_config_from_args(args, training=True):
-    """The config of --config with the command line's overrides; ``training`` as for ``load_config``."""
-    return load_config(args.config, learning_rate=getattr(args, 'learning_rate', None),
-                       batch_size=getattr(args, 'batch_size', None), iters=getattr(args, 'iters', None),
-                       opts=getattr(args, 'opts', None), training=training)
+    """The config of --config with the command line's overrides; with --verbose, also logged whole."""
+    cfg = load_config(args.config, learning_rate=getattr(args, 'learning_rate', None),
+                      batch_size=getattr(args, 'batch_size', None), iters=getattr(args, 'iters', None),
+                      opts=getattr(args, 'opts', None), training=training)
+    if getattr(args, 'verbose', False):
+        logger.info("Config %s as loaded:\n%s", args.config, str(cfg).rstrip())
+    return cfg
 
 
 def run_cli(main, args):

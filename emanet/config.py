@@ -4,13 +4,16 @@ Mistakes in a config end in one ``ConfigError`` that names the file and the key,
 with the closest known name, before any training time is spent. Training needs the whole
 config; export, evaluation and prediction need only ``model`` and ``val_dataset``.
 """
+import contextlib
 import difflib
 import inspect
 import os
 import re
+import tempfile
 
 import yaml
 from paddleseg.cvlibs import Config, SegBuilder, config_checker, manager
+from paddleseg.utils import logger as paddleseg_logger
 from paddleseg.utils.utils import CachedProperty as cached_property
 
 from emanet.checkpoint import load_weights
@@ -30,6 +33,22 @@ class ConfigError(ValueError):
 def closest(name, choices):
     match = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else ''
+
+
+@contextlib.contextmanager
+def paddleseg_errors_only():
+    """PaddleSeg's own (print-based) logger shows errors only, inside the block.
+
+    Its warnings while checking a config and building a model or loss say which num_classes,
+    in_channels or ignore_index it copied from the dataset, and its backbones say "trained from
+    scratch" also when whole-model weights are loaded next: nothing a user acts on.
+    """
+    previous = paddleseg_logger.log_level
+    paddleseg_logger.log_level = 0  # 0 = ERROR
+    try:
+        yield
+    finally:
+        paddleseg_logger.log_level = previous
 
 
 class _Checks:
@@ -71,14 +90,27 @@ def load_config(path, learning_rate=None, batch_size=None, iters=None, opts=None
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     try:
-        cfg = Config(path, learning_rate=learning_rate, batch_size=batch_size, iters=iters, opts=opts,
-                     checker=_Checks(training))
+        with paddleseg_errors_only():
+            cfg = Config(path, learning_rate=learning_rate, batch_size=batch_size, iters=iters, opts=opts,
+                         checker=_Checks(training))
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
     except (AssertionError, RuntimeError, ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"{path}: {str(err).strip()}") from None
     cfg.path = path
     return cfg
+
+
+def save_config(cfg, path):
+    """Write the config as loaded (bases merged, overrides applied) to ``path``.
+
+    Written to a temporary file and renamed, so data-parallel processes may all write it.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.NamedTemporaryFile('w', dir=folder, suffix='.part', delete=False) as f:
+        f.write(str(cfg))
+    os.replace(f.name, path)
 
 
 def _argument_names(component):
@@ -96,26 +128,36 @@ class Builder(SegBuilder):
     """PaddleSeg's builder, with errors that name the config key and the closest known name.
 
     A config without ``train_dataset`` (see ``load_config``) builds its model from ``model``
-    and the val set.
+    and the val set. The config is not logged piece by piece; ``save_config`` writes it whole.
     """
 
     def __init__(self, config):
         super().__init__(config)
         self.path = getattr(config, 'path', 'config')
 
+    @classmethod
+    def show_msg(cls, name, cfg):
+        """PaddleSeg logs each section as it builds it; the tools save or log the config whole."""
+
     @cached_property
     def model(self):
-        if self.config.train_dataset_cfg:
-            return super().model
-        # Not for training: the val set says how many classes the model has, if the model does not.
-        model_cfg = self.config.model_cfg
-        if 'num_classes' not in model_cfg:
-            num_classes = self.config.val_dataset_cfg.get(
-                'num_classes', getattr(self.val_dataset_class, 'NUM_CLASSES', None))
-            if num_classes is None:
-                raise ConfigError(f"{self.path}: neither model nor val_dataset gives num_classes")
-            model_cfg['num_classes'] = num_classes
-        return self.build_component(model_cfg)
+        with paddleseg_errors_only():
+            if self.config.train_dataset_cfg:
+                return super().model
+            # Not for training: the val set says how many classes the model has, if the model does not.
+            model_cfg = self.config.model_cfg
+            if 'num_classes' not in model_cfg:
+                num_classes = self.config.val_dataset_cfg.get(
+                    'num_classes', getattr(self.val_dataset_class, 'NUM_CLASSES', None))
+                if num_classes is None:
+                    raise ConfigError(f"{self.path}: neither model nor val_dataset gives num_classes")
+                model_cfg['num_classes'] = num_classes
+            return self.build_component(model_cfg)
+
+    @cached_property
+    def loss(self):
+        with paddleseg_errors_only():
+            return super().loss
 
     def load_component_class(self, class_type):
         for registry in self.comp_list:

@@ -1,4 +1,4 @@
-"""What the tools do from the configs users give them, and what they log.
+"""What the tools log: the lines a user acts on, and none of Paddle's or PaddleSeg's notes.
 
 Each tool runs in its own process, as a user runs it, on the tiny dataset of conftest.py.
 """
@@ -14,6 +14,9 @@ import yaml
 from conftest import CONFIG, TOOLS
 from emanet.config import build_model, load_config
 
+# Notes of Paddle and PaddleSeg that no tool should pass on to the user.
+NOISE = ('ccache', 'will be trained from scratch', 'Add the `', 'Use the following config',
+         'not support input out tensor', "'place' interface", 'track global mean and variance')
 TRAIN_LINE = re.compile(r'\[TRAIN\] epoch: \d+, iter: (\d+)/(\d+), loss: .* \| ETA \d+:\d\d:\d\d$', re.M)
 EVAL_LINE = re.compile(r'^.*\[EVAL\] #Images: 2 mIoU: .*$', re.M)
 
@@ -59,17 +62,24 @@ def test_export_val_and_predict_need_only_model_and_val_dataset(minimal, logs):
     assert (minimal['work'] / 'pred' / 'pseudo_color_prediction' / '8.png').is_file()
 
 
+def test_export_val_and_predict_pass_on_no_notes_of_paddle_or_paddleseg(logs):
+    for tool, log in logs.items():
+        assert not [note for note in NOISE if note in log], tool
+    for tool in ('export', 'val', 'predict'):  # what was loaded, instead of "trained from scratch"
+        assert 'Loaded 152/152 weights of EMANet from' in logs[tool]
+
+
 @pytest.fixture(scope='module')
 def training(tiny_dataset, tmp_path_factory):
-    """The logs of a short training run, and of one with PaddleSeg's flags, and the first's save_dir."""
+    """The logs of a short training run, and of one with --verbose and PaddleSeg's flags, and the first's save_dir."""
     work = tmp_path_factory.mktemp('train')
     config = work / 'config.yml'
     config.write_text(CONFIG.format(root=tiny_dataset))
     plain = run_tool('train.py', '--config', config, '--save_dir', work / 'plain', '--iters', 6, '--log_iters', 5,
                      '--save_interval', 6, '--seed', 0)
-    paddleseg_flags = run_tool('train.py', '--config', config, '--save_dir', work / 'flags', '--iters', 1,
-                               '--use_ema', '--data_format', 'NHWC', '--repeats', 1, '--seed', 0)
-    return {'plain': plain, 'paddleseg_flags': paddleseg_flags, 'save_dir': work / 'plain'}
+    verbose = run_tool('train.py', '--config', config, '--save_dir', work / 'verbose', '--iters', 1, '--verbose',
+                       '--use_ema', '--data_format', 'NHWC', '--repeats', 1, '--seed', 0)
+    return {'plain': plain, 'verbose': verbose, 'save_dir': work / 'plain'}
 
 
 def test_the_first_training_line_comes_after_one_iteration_with_the_eta(training):
@@ -77,8 +87,18 @@ def test_the_first_training_line_comes_after_one_iteration_with_the_eta(training
     assert [(int(it), int(total)) for it, total in lines] == [(1, 6), (5, 6), (6, 6)]
 
 
+def test_the_config_goes_to_save_dir_and_to_the_log_only_with_verbose(training):
+    saved = yaml.safe_load((training['save_dir'] / 'config.yml').read_text())
+    assert saved['iters'] == 6 and saved['model']['num_bases'] == 8  # as loaded, with --iters applied
+    assert 'num_bases' not in training['plain']
+    assert re.search(r'Config .*config.yml as loaded:\n(.*\n)*  num_bases: 8\n', training['verbose'])
+
+
+def test_training_passes_on_no_notes_of_paddle_or_paddleseg(training):
+    assert not [note for note in NOISE if note in training['plain']]
+
+
 def test_paddleseg_flags_without_effect_get_one_warning_each(training):
-    warnings = re.compile(r'\[WARNING\] (.*)')  # the emanet logger's (PaddleSeg's has a tab after the level)
-    assert warnings.findall(training['plain']) == []
-    flags = [line.split(' ')[0] for line in warnings.findall(training['paddleseg_flags'])]
-    assert flags == ['--use_ema', '--data_format']
+    assert '[WARNING]' not in training['plain']  # PaddleSeg's own warnings are gone too
+    warnings = re.findall(r'\[WARNING\] (.*)', training['verbose'])
+    assert [line.split(' ')[0] for line in warnings] == ['--use_ema', '--data_format']

@@ -1,17 +1,23 @@
 """Train a model from a PaddleSeg-style config: python tools/train.py --config configs/quickstart.yml --do_eval"""
 import argparse
+import os
 
-from emanet.cli import add_device_flag, add_paddleseg_train_flags, flags_without_effect, load_config_from_args, run_cli
+from emanet.cli import (add_device_flag, add_paddleseg_train_flags, add_verbose_flag, flags_without_effect,
+                        load_config_from_args, run_cli)
+from emanet.config import save_config
 from emanet.engine.evaluate import augment_options
 from emanet.engine.trainer import train
-from emanet.logger import logger
+from emanet.logger import ignore_warnings, logger
+
+# Paddle's BatchNorm warns at its first training step that it tracks running statistics: nothing to act on.
+BATCH_NORM_NOTE = 'When training, we now always track global mean and variance'
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('--config', required=True, help='YAML config file')
     add_device_flag(parser, help='where to train')
-    parser.add_argument('--save_dir', default='output', help='folder for checkpoints and logs')
+    parser.add_argument('--save_dir', default='output', help='folder for checkpoints, logs and config.yml')
     parser.add_argument('--num_workers', type=int, default=0, help='data loader processes')
     parser.add_argument('--do_eval', action='store_true', help='evaluate at every save and keep best_model/')
     parser.add_argument('--use_vdl', action='store_true', help='write VisualDL scalars to save_dir')
@@ -30,6 +36,7 @@ def parse_args(argv=None):
                         help='with --precision fp16/bf16: O1 casts operator by operator, O2 also casts the '
                              'weights (BatchNorm stays fp32)')
     parser.add_argument('--opts', nargs='+', default=None, help='config overrides key=value, e.g. model.num_bases=32')
+    add_verbose_flag(parser)
     add_paddleseg_train_flags(parser)
     return parser.parse_args(argv)
 
@@ -38,11 +45,13 @@ def main(args):
     for note in flags_without_effect(args):
         logger.warning(note)
     cfg = load_config_from_args(args)
-    train(cfg, save_dir=args.save_dir, device=args.device, num_workers=args.num_workers,
-          do_eval=args.do_eval, use_vdl=args.use_vdl, resume_model=args.resume_model,
-          save_interval=args.save_interval, log_iters=args.log_iters,
-          keep_checkpoint_max=args.keep_checkpoint_max, seed=args.seed, precision=args.precision,
-          amp_level=args.amp_level, eval_kwargs=augment_options(cfg.test_config))
+    save_config(cfg, os.path.join(args.save_dir, 'config.yml'))
+    with ignore_warnings(BATCH_NORM_NOTE):
+        train(cfg, save_dir=args.save_dir, device=args.device, num_workers=args.num_workers,
+              do_eval=args.do_eval, use_vdl=args.use_vdl, resume_model=args.resume_model,
+              save_interval=args.save_interval, log_iters=args.log_iters,
+              keep_checkpoint_max=args.keep_checkpoint_max, seed=args.seed, precision=args.precision,
+              amp_level=args.amp_level, eval_kwargs=augment_options(cfg.test_config))
 
 
 if __name__ == '__main__':

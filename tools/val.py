@@ -7,7 +7,8 @@ import os
 
 import argparse
 
-from emanet.cli import add_augment_flags, add_device_flag, augment_flags, load_config_from_args, run_cli
+from emanet.cli import (add_augment_flags, add_device_flag, add_verbose_flag, augment_flags, load_config_from_args,
+                        run_cli)
 from emanet.config import Builder, build_model
 from emanet.deploy.predictor import Predictor, evaluate_predictor
 from emanet.engine.evaluate import augment_options, evaluate
@@ -26,6 +27,7 @@ def parse_args(argv=None):
     parser.add_argument('--save_json', help='also write the metrics to this JSON file')
     parser.add_argument('--opts', nargs='+', default=None, help='config overrides key=value')
     add_augment_flags(parser)
+    add_verbose_flag(parser)
     return parser.parse_args(argv)
 
 
