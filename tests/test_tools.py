@@ -31,15 +31,17 @@ def run_tool(name, *args):
 
 @pytest.fixture(scope='module')
 def minimal(tiny_dataset, tmp_path_factory):
-    """A config with only model and val_dataset, and weights for its model."""
+    """A config with only model and val_dataset, one that adds a flip test_config, and weights for the model."""
     work = tmp_path_factory.mktemp('tools')
     full = yaml.safe_load(CONFIG.format(root=tiny_dataset))
     config = work / 'minimal.yml'
     config.write_text(yaml.safe_dump({key: full[key] for key in ('model', 'val_dataset')}))
+    with_flip = work / 'with_flip.yml'
+    with_flip.write_text(config.read_text() + 'test_config: {aug_eval: True, flip_horizontal: True}\n')
     weights = work / 'model.pdparams'
     paddle.seed(0)
     paddle.save(build_model(load_config(str(config), training=False)).state_dict(), str(weights))
-    return {'config': config, 'weights': weights, 'work': work, 'images': tiny_dataset}
+    return {'config': config, 'with_flip': with_flip, 'weights': weights, 'work': work, 'images': tiny_dataset}
 
 
 @pytest.fixture(scope='module')
@@ -50,7 +52,7 @@ def logs(minimal):
         'export': run_tool('export.py', '--config', minimal['config'], '--model_path', minimal['weights'],
                            '--save_dir', exported),
         'val': run_tool('val.py', '--config', minimal['config'], '--model_path', minimal['weights']),
-        'val_exported': run_tool('val.py', '--config', minimal['config'], '--model_path', exported),
+        'val_exported': run_tool('val.py', '--config', minimal['with_flip'], '--model_path', exported),
         'predict': run_tool('predict.py', '--config', minimal['config'], '--model_path', minimal['weights'],
                             '--image_path', minimal['images'] / '8.jpg', '--save_dir', minimal['work'] / 'pred'),
     }
@@ -67,6 +69,11 @@ def test_export_val_and_predict_pass_on_no_notes_of_paddle_or_paddleseg(logs):
         assert not [note for note in NOISE if note in log], tool
     for tool in ('export', 'val', 'predict'):  # what was loaded, instead of "trained from scratch"
         assert 'Loaded 152/152 weights of EMANet from' in logs[tool]
+
+
+def test_val_of_an_exported_model_says_the_test_config_is_not_applied(logs):
+    assert re.search(r"\[WARNING\] Exported model: test_config aug_eval, flip_horizontal not applied",
+                     logs['val_exported'])
 
 
 @pytest.fixture(scope='module')

@@ -12,6 +12,7 @@ from emanet.cli import (add_augment_flags, add_device_flag, add_verbose_flag, au
 from emanet.config import Builder, build_model
 from emanet.deploy.predictor import Predictor, evaluate_predictor
 from emanet.engine.evaluate import augment_options, evaluate
+from emanet.logger import logger
 from emanet.runtime import set_device
 
 
@@ -38,6 +39,10 @@ def main(args):
         augment = {k: v for k, v in augment_flags(args).items() if v}
         if augment:
             raise ValueError(f"an exported model is evaluated as exported; drop {', '.join('--' + k for k in augment)}")
+        not_applied = [key for key, value in cfg.test_config.items() if value]
+        if not_applied:
+            logger.warning("Exported model: test_config %s not applied; it is evaluated as exported "
+                           "(one scale, no flip, whole image)", ', '.join(not_applied))
         predictor = Predictor(args.model_path, device=args.device, precision=args.precision)
         evaluate_predictor(predictor, Builder(cfg).val_dataset, save_json=args.save_json)
         return

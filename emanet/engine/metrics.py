@@ -117,11 +117,14 @@ def _nanmean(values):
 def format_report(result):
     """A grep-able summary line in PaddleSeg's format, then one aligned row per class.
 
-    A score that is undefined prints as '-'; a class absent from both the labels and the
-    predictions is marked 'absent'.
+    ``result['note']``, when given, ends the summary line in parentheses (e.g. what the
+    evaluation left out). A score that is undefined prints as '-'; a class absent from
+    both the labels and the predictions is marked 'absent'.
     """
-    lines = [f"[EVAL] #Images: {result['num_images']} mIoU: {result['miou']:.4f} "
-             f"Acc: {result['acc']:.4f} Kappa: {result['kappa']:.4f} Dice: {result['dice']:.4f}"]
+    summary = (f"[EVAL] #Images: {result['num_images']} mIoU: {result['miou']:.4f} "
+               f"Acc: {result['acc']:.4f} Kappa: {result['kappa']:.4f} Dice: {result['dice']:.4f}")
+    if result.get('note'):
+        summary += f" ({result['note']})"
     names = result.get('class_names')
     header = ['Class'] + (['Name'] if names else []) + ['IoU', 'Precision', 'Recall', '']
     rows = []
@@ -132,6 +135,7 @@ def format_report(result):
                     + ['-' if math.isnan(score) else f"{score:.4f}" for score in scores]
                     + ['absent' if absent else ''])
     widths = [max(len(row[column]) for row in [header] + rows) for column in range(len(header))]
+    lines = [summary]
     for row in [header] + rows:
         lines.append('  '.join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     return '\n'.join(lines)

@@ -162,6 +162,13 @@ def test_report_prints_undefined_scores_as_dashes_and_marks_absent_classes():
     assert rows[4].split() == ['4', 'train', '-', '-', '-', 'absent']
 
 
+def test_report_note_ends_the_summary_line():
+    metrics = SegMetrics(num_classes=3)
+    metrics.update(PRED, LABEL)
+    summary = format_report(dict(metrics.compute(), note='exported model: test_config flip not applied'))
+    assert summary.splitlines()[0].endswith('Dice: 0.7111 (exported model: test_config flip not applied)')
+
+
 @st.composite
 def label_maps(draw):
     num_classes = draw(st.integers(1, 6))
