@@ -3,7 +3,12 @@
 ``import emanet`` registers its model, losses and datasets in PaddleSeg's component
 managers, so ``type: EMANet`` in a PaddleSeg YAML builds this package's model.
 """
-from emanet.runtime import use_fast_mkl_on_amd
+import warnings
+
+# Importing paddle warns when ccache is missing, which matters only for compiling C++ extensions.
+warnings.filterwarnings('ignore', message='No ccache found', module=r'paddle\.utils\.cpp_extension')
+
+from emanet.runtime import use_fast_mkl_on_amd  # noqa: E402
 
 use_fast_mkl_on_amd()  # before any matrix product of this process
 

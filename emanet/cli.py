@@ -6,7 +6,7 @@ import sys
 from emanet.checkpoint import CheckpointError
 from emanet.config import ConfigError, load_config
 from emanet.download import DownloadError
-from emanet.logger import setup_logging
+from emanet.logger import logger, setup_logging
 from emanet.runtime import parse_device
 
 # Errors a user can cause; the tools print their message alone, without a traceback.
@@ -44,10 +44,47 @@ def augment_flags(args):
             ('aug_eval', 'scales', 'flip_horizontal', 'flip_vertical', 'is_slide', 'crop_size', 'stride')}
 
 
-def load_config_from_args(args):
-    return load_config(args.config, learning_rate=getattr(args, 'learning_rate', None),
-                       batch_size=getattr(args, 'batch_size', None), iters=getattr(args, 'iters', None),
-                       opts=getattr(args, 'opts', None))
+def add_verbose_flag(parser):
+    parser.add_argument('--verbose', action='store_true', help='also log the whole config as loaded')
+
+
+def add_paddleseg_train_flags(parser):
+    """Flags of PaddleSeg's tools/train.py that this trainer has no use for, accepted so that
+    command lines from PaddleSeg's documentation run; ``flags_without_effect`` says which were given."""
+    parser.add_argument('--use_ema', action='store_true',
+                        help="PaddleSeg's; no effect here: no moving average of the weights is kept")
+    parser.add_argument('--profiler_options', help="PaddleSeg's; no effect here: this trainer has no profiler hook")
+    parser.add_argument('--data_format', default='NCHW', choices=['NCHW', 'NHWC'],
+                        help="PaddleSeg's; EMANet runs in NCHW only")
+    parser.add_argument('--repeats', type=int, default=1,
+                        help="PaddleSeg's; no effect here: --iters alone sets the length of training")
+
+
+def flags_without_effect(args):
+    """One sentence per PaddleSeg flag given with a value that changes nothing in this trainer."""
+    notes = []
+    if args.use_ema:
+        notes.append("--use_ema has no effect in this trainer: it keeps no moving average of the weights; "
+                     "checkpoints and evaluation use the trained weights")
+    if args.profiler_options:
+        notes.append("--profiler_options has no effect in this trainer: it has no profiler hook")
+    if args.data_format != 'NCHW':
+        notes.append(f"--data_format {args.data_format} is not supported: EMANet and its backbones run in NCHW, "
+                     "so training runs in NCHW")
+    if args.repeats != 1:
+        notes.append("--repeats has no effect in this trainer: it runs --iters iterations however many "
+                     "images an epoch holds")
+    return notes
+
+
+def load_config_from_args(args, training=True):
+    """The config of --config with the command line's overrides; with --verbose, also logged whole."""
+    cfg = load_config(args.config, learning_rate=getattr(args, 'learning_rate', None),
+                      batch_size=getattr(args, 'batch_size', None), iters=getattr(args, 'iters', None),
+                      opts=getattr(args, 'opts', None), training=training)
+    if getattr(args, 'verbose', False):
+        logger.info("Config %s as loaded:\n%s", args.config, str(cfg).rstrip())
+    return cfg
 
 
 def run_cli(main, args):

@@ -1,6 +1,20 @@
-"""The one logger: ``logging.getLogger('emanet')``, with PaddleSeg's grep-able line format."""
+"""The one logger: ``logging.getLogger('emanet')``, with PaddleSeg's grep-able line format.
+
+Like PaddleSeg's logger it prints INFO lines to stdout from the moment the package is imported
+(so the line ``import emanet`` logs reaches a user in that format, not through the handler Paddle
+puts on the root logger); ``logging.getLogger('emanet').setLevel(logging.WARNING)`` quiets it.
+
+Also the two switches that keep Paddle's notes a user cannot act on out of the tools' output:
+``ignore_warnings`` for Python warnings, ``drop_stderr_lines`` for lines its C++ core writes.
+Both name the messages they drop, so errors and any other warning still show.
+"""
+import contextlib
 import logging
+import os
+import re
 import sys
+import tempfile
+import warnings
 
 logger = logging.getLogger('emanet')
 
@@ -20,3 +34,39 @@ def setup_logging(log_file=None, level=logging.INFO):
     logger.setLevel(level)
     logger.propagate = False  # Paddle puts a handler on the root logger; print each line once
     return logger
+
+
+@contextlib.contextmanager
+def ignore_warnings(*messages):
+    """Inside the block, Python warnings whose text starts with one of ``messages`` are not shown."""
+    with warnings.catch_warnings():
+        for message in messages:
+            warnings.filterwarnings('ignore', message=re.escape(message))
+        yield
+
+
+@contextlib.contextmanager
+def drop_stderr_lines(*fragments):
+    """Inside the block, lines on stderr that contain one of ``fragments`` are dropped.
+
+    Works on file descriptor 2, so it also catches what C++ code logs. The other lines are
+    written out, in order, when the block ends; an exception still propagates as usual.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors='replace').splitlines(keepends=True):
+                if not any(fragment in line for fragment in fragments):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+setup_logging()

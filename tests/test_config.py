@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import paddle
 import pytest
+import yaml
 from paddleseg.models.backbones import ResNet18_vd
 
 from conftest import TOOLS
@@ -65,3 +66,43 @@ def test_tools_print_one_line_for_a_bad_config(tiny_config, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(
         "error: ") and "EMANet has no argument 'num_base' (did you mean 'num_bases'?)" in result.stderr
+
+
+def test_a_misspelt_key_is_named_before_paddleseg_asks_for_the_key_it_misses(tiny_config, tmp_path):
+    path = tmp_path / 'typo.yml'
+    path.write_text(open(tiny_config()).read().replace('batch_size:', 'batch_sise:'))
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path))
+    assert str(error.value) == f"{path}: unknown key 'batch_sise' (did you mean 'batch_size'?)"
+    result = subprocess.run([sys.executable, os.path.join(TOOLS, 'train.py'), '--config', str(path),
+                             '--save_dir', str(tmp_path / 'out')], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [  # one line: no warning of Paddle's before it either
+        f"error: {path}: unknown key 'batch_sise' (did you mean 'batch_size'?)"]
+
+
+def _without(path, *keys):
+    """The config at ``path`` rewritten without the top-level ``keys``."""
+    dic = yaml.safe_load(open(path))
+    with open(path, 'w') as f:
+        yaml.safe_dump({key: value for key, value in dic.items() if key not in keys}, f)
+    return path
+
+
+def test_a_key_training_needs_is_named_when_missing(tiny_config):
+    with pytest.raises(ConfigError, match=r"config.yml: missing key 'optimizer' \(training needs batch_size, "
+                                          r"iters, train_dataset, optimizer, lr_scheduler, loss, model\)$"):
+        load_config(_without(tiny_config(), 'optimizer'))
+
+
+def test_without_training_model_and_val_dataset_are_enough(tiny_config):
+    path = _without(tiny_config(), 'batch_size', 'iters', 'train_dataset', 'optimizer', 'lr_scheduler', 'loss')
+    with pytest.raises(ConfigError, match="missing key 'batch_size'"):
+        load_config(path)
+    model = build_model(load_config(path, training=False))
+    model.eval()
+    logits, = model(paddle.zeros([1, 3, 32, 32]))
+    assert logits.shape == [1, 3, 32, 32]  # num_classes 3 from the val set
+    with pytest.raises(ConfigError, match=r"missing key 'val_dataset' \(export, evaluation and prediction "
+                                          r"need model, val_dataset\)"):
+        load_config(_without(path, 'val_dataset'), training=False)

@@ -80,6 +80,8 @@ def test_val_with_flip_and_scales_and_with_sliding_window(trained):
                    '--is_slide', '--crop_size', 64, 64, '--stride', 48, 48)
     assert EVAL_LINE.search(out)
     assert re.search(r'^\s*0\s+road\s+\d\.\d{4}\s+', out, re.M)  # the per-class table names classes
+    # Only 7 of the 19 classes are drawn: classes neither labelled nor predicted are marked, not NaN.
+    assert 'nan' not in out and re.search(r'^\s*\d+\s+\w.*\s-\s+-\s+-\s+absent$', out, re.M)
 
 
 def test_predict_writes_a_mask_and_an_overlay_per_image(trained):

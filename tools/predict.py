@@ -1,7 +1,8 @@
 """Predict images: python tools/predict.py --config CFG --model_path PATH --image_path IMG_OR_DIR --save_dir out/"""
 import argparse
 
-from emanet.cli import add_augment_flags, add_device_flag, augment_flags, load_config_from_args, run_cli
+from emanet.cli import (add_augment_flags, add_device_flag, add_verbose_flag, augment_flags, load_config_from_args,
+                        run_cli)
 from emanet.config import Builder, build_model
 from emanet.engine.evaluate import augment_options
 from emanet.engine.predict import predict
@@ -20,12 +21,13 @@ def parse_args(argv=None):
     add_device_flag(parser)
     parser.add_argument('--opts', nargs='+', default=None, help='config overrides key=value')
     add_augment_flags(parser)
+    add_verbose_flag(parser)
     return parser.parse_args(argv)
 
 
 def main(args):
     set_device(args.device)
-    cfg = load_config_from_args(args)
+    cfg = load_config_from_args(args, training=False)
     model = build_model(cfg, weights=args.model_path)
     builder = Builder(cfg)
     count = predict(model, builder.val_transforms, args.image_path, args.save_dir,

@@ -1,16 +1,23 @@
 """Train a model from a PaddleSeg-style config: python tools/train.py --config configs/quickstart.yml --do_eval"""
 import argparse
+import os
 
-from emanet.cli import add_device_flag, load_config_from_args, run_cli
+from emanet.cli import (add_device_flag, add_paddleseg_train_flags, add_verbose_flag, flags_without_effect,
+                        load_config_from_args, run_cli)
+from emanet.config import save_config
 from emanet.engine.evaluate import augment_options
 from emanet.engine.trainer import train
+from emanet.logger import ignore_warnings, logger
+
+# Paddle's BatchNorm warns at its first training step that it tracks running statistics: nothing to act on.
+BATCH_NORM_NOTE = 'When training, we now always track global mean and variance'
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('--config', required=True, help='YAML config file')
     add_device_flag(parser, help='where to train')
-    parser.add_argument('--save_dir', default='output', help='folder for checkpoints and logs')
+    parser.add_argument('--save_dir', default='output', help='folder for checkpoints, logs and config.yml')
     parser.add_argument('--num_workers', type=int, default=0, help='data loader processes')
     parser.add_argument('--do_eval', action='store_true', help='evaluate at every save and keep best_model/')
     parser.add_argument('--use_vdl', action='store_true', help='write VisualDL scalars to save_dir')
@@ -19,22 +26,32 @@ def parse_args(argv=None):
     parser.add_argument('--batch_size', type=int, help='override the config: images per process')
     parser.add_argument('--learning_rate', type=float, help='override the config: base learning rate')
     parser.add_argument('--save_interval', type=int, default=1000, help='iterations between checkpoints')
-    parser.add_argument('--log_iters', type=int, default=10, help='iterations between log lines')
+    parser.add_argument('--log_iters', type=int, default=10,
+                        help='iterations between log lines (the first iteration is logged too, with the ETA)')
     parser.add_argument('--keep_checkpoint_max', type=int, default=5, help='iter_N folders to keep')
     parser.add_argument('--seed', type=int, help='random seed (default: a random one, saved for resuming)')
-    parser.add_argument('--precision', default='fp32', choices=['fp32', 'fp16', 'bf16'])
-    parser.add_argument('--amp_level', default='O1', choices=['O1', 'O2'])
+    parser.add_argument('--precision', default='fp32', choices=['fp32', 'fp16', 'bf16'],
+                        help='fp16 or bf16: automatic mixed precision, on GPU only (Paddle does none on CPU)')
+    parser.add_argument('--amp_level', default='O1', choices=['O1', 'O2'],
+                        help='with --precision fp16/bf16: O1 casts operator by operator, O2 also casts the '
+                             'weights (BatchNorm stays fp32)')
     parser.add_argument('--opts', nargs='+', default=None, help='config overrides key=value, e.g. model.num_bases=32')
+    add_verbose_flag(parser)
+    add_paddleseg_train_flags(parser)
     return parser.parse_args(argv)
 
 
 def main(args):
+    for note in flags_without_effect(args):
+        logger.warning(note)
     cfg = load_config_from_args(args)
-    return train(cfg, save_dir=args.save_dir, device=args.device, num_workers=args.num_workers,
-          do_eval=args.do_eval, use_vdl=args.use_vdl, resume_model=args.resume_model,
-          save_interval=args.save_interval, log_iters=args.log_iters,
-          keep_checkpoint_max=args.keep_checkpoint_max, seed=args.seed, precision=args.precision,
-          amp_level=args.amp_level, eval_kwargs=augment_options(cfg.test_config))
+    save_config(cfg, os.path.join(args.save_dir, 'config.yml'))
+    with ignore_warnings(BATCH_NORM_NOTE):
+        return train(cfg, save_dir=args.save_dir, device=args.device, num_workers=args.num_workers,
+                     do_eval=args.do_eval, use_vdl=args.use_vdl, resume_model=args.resume_model,
+                     save_interval=args.save_interval, log_iters=args.log_iters,
+                     keep_checkpoint_max=args.keep_checkpoint_max, seed=args.seed, precision=args.precision,
+                     amp_level=args.amp_level, eval_kwargs=augment_options(cfg.test_config))
 
 
 if __name__ == '__main__':

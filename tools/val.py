@@ -7,10 +7,12 @@ import os
 
 import argparse
 
-from emanet.cli import add_augment_flags, add_device_flag, augment_flags, load_config_from_args, run_cli
+from emanet.cli import (add_augment_flags, add_device_flag, add_verbose_flag, augment_flags, load_config_from_args,
+                        run_cli)
 from emanet.config import Builder, build_model
 from emanet.deploy.predictor import Predictor, evaluate_predictor
 from emanet.engine.evaluate import augment_options, evaluate
+from emanet.logger import logger
 from emanet.runtime import set_device
 
 
@@ -26,16 +28,21 @@ def parse_args(argv=None):
     parser.add_argument('--save_json', help='also write the metrics to this JSON file')
     parser.add_argument('--opts', nargs='+', default=None, help='config overrides key=value')
     add_augment_flags(parser)
+    add_verbose_flag(parser)
     return parser.parse_args(argv)
 
 
 def main(args):
     set_device(args.device)
-    cfg = load_config_from_args(args)
+    cfg = load_config_from_args(args, training=False)
     if os.path.isdir(args.model_path):
         augment = {k: v for k, v in augment_flags(args).items() if v}
         if augment:
             raise ValueError(f"an exported model is evaluated as exported; drop {', '.join('--' + k for k in augment)}")
+        not_applied = [key for key, value in cfg.test_config.items() if value]
+        if not_applied:
+            logger.warning("Exported model: test_config %s not applied; it is evaluated as exported "
+                           "(one scale, no flip, whole image)", ', '.join(not_applied))
         predictor = Predictor(args.model_path, device=args.device, precision=args.precision)
         evaluate_predictor(predictor, Builder(cfg).val_dataset, save_json=args.save_json)
         return

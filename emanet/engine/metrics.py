@@ -4,6 +4,8 @@ A class absent from both the labels and the predictions has an undefined IoU. It
 reported as NaN and left out of the mean, as the official Cityscapes evaluator does
 (PaddleSeg counted it as 0, which lowers mIoU on subsets that miss a class).
 """
+import math
+
 import numpy as np
 import paddle
 
@@ -122,17 +124,27 @@ def _nanmean(values):
 
 
 def format_report(result):
-    """A grep-able summary line in PaddleSeg's format, then one aligned row per class."""
-    lines = [f"[EVAL] #Images: {result['num_images']} mIoU: {result['miou']:.4f} "
-             f"Acc: {result['acc']:.4f} Kappa: {result['kappa']:.4f} Dice: {result['dice']:.4f}"]
+    """A grep-able summary line in PaddleSeg's format, then one aligned row per class.
+
+    ``result['note']``, when given, ends the summary line in parentheses (e.g. what the
+    evaluation left out). A score that is undefined prints as '-'; a class absent from
+    both the labels and the predictions is marked 'absent'.
+    """
+    summary = (f"[EVAL] #Images: {result['num_images']} mIoU: {result['miou']:.4f} "
+               f"Acc: {result['acc']:.4f} Kappa: {result['kappa']:.4f} Dice: {result['dice']:.4f}")
+    if result.get('note'):
+        summary += f" ({result['note']})"
     names = result.get('class_names')
-    header = ['Class'] + (['Name'] if names else []) + ['IoU', 'Precision', 'Recall']
+    header = ['Class'] + (['Name'] if names else []) + ['IoU', 'Precision', 'Recall', '']
     rows = []
     for class_id, scores in enumerate(zip(result['class_iou'], result['class_precision'],
                                           result['class_recall'])):
+        absent = math.isnan(scores[0])  # no IoU: neither labelled nor predicted anywhere
         rows.append([str(class_id)] + ([str(names[class_id])] if names else [])
-                    + [f"{score:.4f}" for score in scores])
+                    + ['-' if math.isnan(score) else f"{score:.4f}" for score in scores]
+                    + ['absent' if absent else ''])
     widths = [max(len(row[column]) for row in [header] + rows) for column in range(len(header))]
+    lines = [summary]
     for row in [header] + rows:
         lines.append('  '.join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     return '\n'.join(lines)

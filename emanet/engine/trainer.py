@@ -233,7 +233,8 @@ def train(cfg, save_dir='output', device='cpu', num_workers=0, do_eval=False, us
         window['reader'] += reader_cost
         window['batch'] += time.time() - tic
         window['n'] += 1
-        if (iteration % log_iters == 0 or iteration == total_iters) and rank == 0:
+        # The run's first iteration is logged too, so its ETA comes before the first log_iters wait.
+        if (iteration % log_iters == 0 or iteration in (start_iter + 1, total_iters)) and rank == 0:
             n = window['n']
             batch_cost = window['batch'] / n
             logger.info("[TRAIN] epoch: %d, iter: %d/%d, loss: %.4f, lr: %.6f, batch_cost: %.4f, "

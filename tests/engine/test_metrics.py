@@ -151,6 +151,24 @@ def test_report_without_class_names_has_no_name_column():
     assert format_report(metrics.compute()).splitlines()[1].split() == ['Class', 'IoU', 'Precision', 'Recall']
 
 
+def test_report_prints_undefined_scores_as_dashes_and_marks_absent_classes():
+    metrics = SegMetrics(num_classes=5, class_names=['road', 'car', 'sky', 'bus', 'train'])
+    metrics.update(np.array([0, 0, 2, 2]), np.array([0, 0, 3, 3]))  # bus labelled, never predicted
+    report = format_report(metrics.compute())
+    rows = report.splitlines()[2:]
+    assert 'nan' not in report
+    assert rows[1].split() == ['1', 'car', '-', '-', '-', 'absent']
+    assert rows[3].split() == ['3', 'bus', '0.0000', '-', '0.0000']
+    assert rows[4].split() == ['4', 'train', '-', '-', '-', 'absent']
+
+
+def test_report_note_ends_the_summary_line():
+    metrics = SegMetrics(num_classes=3)
+    metrics.update(PRED, LABEL)
+    summary = format_report(dict(metrics.compute(), note='exported model: test_config flip not applied'))
+    assert summary.splitlines()[0].endswith('Dice: 0.7111 (exported model: test_config flip not applied)')
+
+
 @st.composite
 def label_maps(draw):
     num_classes = draw(st.integers(1, 6))

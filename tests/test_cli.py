@@ -1,0 +1,50 @@
+"""Command lines: PaddleSeg's training flags are accepted and say when they change nothing; every flag has help."""
+import importlib.util
+import os
+import re
+
+import pytest
+
+from conftest import TOOLS
+from emanet.cli import flags_without_effect
+
+
+def tool(name):
+    """The module of tools/<name>.py (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f'tool_{name}', os.path.join(TOOLS, f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def help_text(name, capsys):
+    with pytest.raises(SystemExit):
+        tool(name).parse_args(['--help'])
+    return capsys.readouterr().out
+
+
+def test_paddleseg_train_flags_are_accepted_and_each_one_without_effect_is_named():
+    parse = tool('train').parse_args
+    assert flags_without_effect(parse(['--config', 'c.yml'])) == []
+    assert flags_without_effect(parse(['--config', 'c.yml', '--data_format', 'NCHW', '--repeats', '1'])) == []
+    notes = flags_without_effect(parse(['--config', 'c.yml', '--use_ema', '--profiler_options', 'batch_range=[10,20]',
+                                        '--data_format', 'NHWC', '--repeats', '3']))
+    assert [note.split(' ')[0] for note in notes] == ['--use_ema', '--profiler_options', '--data_format', '--repeats']
+    assert notes[2].startswith('--data_format NHWC is not supported: ')
+    assert all(re.match(r'--\w+ has no effect in this trainer: \w', note) for note in notes[:2] + notes[3:])
+
+
+@pytest.mark.parametrize('name, flags', [
+    ('train', ['--config', '--iters', '--batch_size', '--learning_rate', '--save_interval', '--resume_model',
+               '--save_dir', '--keep_checkpoint_max', '--num_workers', '--do_eval', '--log_iters', '--use_vdl',
+               '--use_ema', '--seed', '--precision', '--amp_level', '--profiler_options', '--data_format',
+               '--device', '--repeats', '--opts', '--verbose']),
+    ('val', ['--device', '--precision', '--verbose']),
+    ('predict', ['--device', '--verbose']),
+    ('export', ['--verbose']),
+])
+def test_every_flag_has_help(name, flags, capsys):
+    text = help_text(name, capsys)
+    for flag in flags:
+        # The flag, its value's name or choices, then words of help (not the next flag).
+        assert re.search(rf'^  {flag}( [A-Z_]+| \{{[\w,]+\}})?\s+[a-zA-Z"\']', text, re.M), flag

@@ -1,0 +1,32 @@
+"""Dropping the notes of other libraries: only the named ones go, everything else still shows."""
+import os
+import warnings
+
+import pytest
+
+from emanet.logger import drop_stderr_lines, ignore_warnings
+
+
+def test_only_the_named_stderr_lines_are_dropped_also_those_written_below_python(capfd):
+    with drop_stderr_lines('out tensor'):
+        os.write(2, b'first\nW1124 eager_utils.cc] not support input out tensor\n')
+        os.write(2, b'last\n')
+    assert capfd.readouterr().err == 'first\nlast\n'
+
+
+def test_the_other_stderr_lines_come_through_when_the_block_raises(capfd):
+    with pytest.raises(ValueError, match='bad'):
+        with drop_stderr_lines('out tensor'):
+            os.write(2, b'an error of the C++ core\n')
+            raise ValueError('bad')
+    assert capfd.readouterr().err == 'an error of the C++ core\n'
+
+
+def test_only_the_named_warnings_are_ignored_and_only_inside_the_block():
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter('always')
+        with ignore_warnings('When training'):
+            warnings.warn('When training, we now always track global mean and variance.')
+            warnings.warn('something else')
+        warnings.warn('When training, again')
+    assert [str(w.message) for w in shown] == ['something else', 'When training, again']
