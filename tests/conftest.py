@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny generic dataset and a config writer (no downloads, a few seconds to train)."""
 import http.server
 import os
+import sys
 import textwrap
 import threading
 import time
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 
 TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools')
+# The tools' shared modules (cli.py, benchmarking.py) are imported by the tests as the tools import them.
+sys.path.insert(0, TOOLS)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):

@@ -9,11 +9,13 @@ import paddle
 import paddle.nn as nn
 from paddle.base import core
 
+from benchmarking import count_macs, em_unit_macs, evaluate_quickstart  # tools/benchmarking.py
 from conftest import TOOLS
-
-sys.path.insert(0, TOOLS)
-from benchmarking import count_macs, em_unit_macs  # noqa: E402  tools/benchmarking.py
-from emanet.models import EMAU  # noqa: E402
+from emanet.checkpoint import save_state
+from emanet.config import Builder, build_model, load_config
+from emanet.engine.evaluate import evaluate
+from emanet.engine.inference import ModelSegmenter
+from emanet.models import EMAU
 
 RUNS = 1
 ROUNDS = 2
@@ -93,3 +95,18 @@ def test_count_macs_adds_conv_layers_and_the_em_unit():
     assert macs['em_unit_macs'] == (2 * 2 + 1) * 8 * 8 * 8 * 4
     assert macs['total_macs'] == conv + macs['em_unit_macs']
     assert macs['params'] == sum(p.size for p in model.parameters())
+
+
+def test_quickstart_rows_score_the_exported_model_as_the_dygraph_model_scores(tiny_config, tmp_path):
+    config = tiny_config()
+    cfg = load_config(config, opts=['model.backbone.pretrained=None'])
+    paddle.seed(3)
+    model = build_model(cfg)
+    save_state(model.state_dict(), str(tmp_path / 'model.pdparams'))
+    bf16 = core.supports_bfloat16()
+    result = evaluate_quickstart(config, str(tmp_path / 'model.pdparams'), str(tmp_path), bf16=bf16)
+    dygraph = evaluate(ModelSegmenter(model), Builder(cfg).val_dataset)
+    assert result['num_images'] == 2
+    assert result['miou_fp32'] == dygraph['miou']
+    if bf16:
+        assert 95 <= result['agreement_pct'] <= 100

@@ -5,8 +5,8 @@ import re
 
 import pytest
 
+from cli import flags_without_effect  # tools/cli.py
 from conftest import TOOLS
-from emanet.cli import flags_without_effect
 
 
 def tool(name):

@@ -6,7 +6,7 @@ import shlex
 import sys
 
 from benchmarking import PARTS, format_report, model_spec_for_backbone, model_spec_from_config, run_benchmark
-from emanet.cli import add_device_flag, run_cli
+from cli import add_device_flag, run_cli
 from emanet.config import load_config
 
 

@@ -42,14 +42,14 @@ from paddleseg.models import layers
 from emanet.checkpoint import load_weights, save_state
 from emanet.config import Builder, ConfigError, build_model, closest, load_config
 from emanet.deploy.export import export_model, export_stage
-from emanet.deploy.predictor import Predictor
-from emanet.data.loading import EvalSamples, raise_if_error
-from emanet.engine.evaluate import predict_logits
+from emanet.deploy.predictor import ExportedSegmenter
+from emanet.engine.evaluate import evaluate
+from emanet.engine.inference import infer_logits
 from emanet.models.losses import CrossEntropyLoss
-from emanet.engine.metrics import SegMetrics
 from emanet.logger import logger
 from emanet.models import EMAU, EMANet
 from emanet.runtime import set_cpu_threads, tune_cpu_allocator
+from emanet.segmenter import InferenceOptions, Segmenter
 
 # Parts a user can leave out with --skip.
 PARTS = ('macs', 'paddleseg', 'inference', 'bf16', 'flip', 'msflip', 'train', 'em_unit')
@@ -279,7 +279,7 @@ def measure_eval(spec):
 
     def forward(flip, scales=1.0):
         with paddle.no_grad():
-            return predict_logits(model, images, aug_eval=flip, flip_horizontal=flip, scales=scales)
+            return infer_logits(model, images, InferenceOptions(aug_eval=flip, flip_horizontal=flip, scales=scales))
 
     single, logits = time_calls(lambda: forward(False), spec['runs'], spec['warmup'], spec['device'])
     np.save(spec['labels_path'], paddle.argmax(logits, axis=1).numpy().astype('int32'))
@@ -295,8 +295,8 @@ def measure_eval(spec):
 
 def measure_inference(spec):
     """An exported model through Paddle Inference (oneDNN on CPU) in spec['precision']."""
-    predictor = Predictor(spec['deploy_dir'], device=spec['device'], precision=spec['precision'],
-                          cpu_threads=spec['threads'])
+    predictor = ExportedSegmenter(spec['deploy_dir'], device=spec['device'], precision=spec['precision'],
+                                  cpu_threads=spec['threads'])
     images = random_images(spec['input_shape'], spec['seed'])
     result, labels = time_calls(lambda: predictor.run(images), spec['runs'], spec['warmup'], spec['device'])
     np.save(spec['labels_path'], labels.astype('int32'))
@@ -457,6 +457,19 @@ def label_agreement(labels_a, labels_b):
     return float((np.asarray(labels_a) == np.asarray(labels_b)).mean() * 100)
 
 
+class _RecordingSegmenter(Segmenter):
+    """Another segmenter's labels, kept in order for comparing precisions on the same images."""
+
+    def __init__(self, segmenter):
+        self.segmenter = segmenter
+        self.outputs = []
+
+    def labels(self, images, trans_info):
+        labels = self.segmenter.labels(images, trans_info)
+        self.outputs.append(labels)
+        return labels
+
+
 def evaluate_quickstart(config_path, weights, work_dir, device='cpu', threads=None, bf16=True):
     """Export a trained quick-start model; fp32 vs bf16 exported labels and mIoU over its val set."""
     cfg = load_config(config_path)
@@ -465,26 +478,17 @@ def evaluate_quickstart(config_path, weights, work_dir, device='cpu', threads=No
     deploy_dir = os.path.join(work_dir, 'quickstart_export')
     export_model(model, deploy_dir, cfg.val_dataset_cfg.get('transforms') or [], output_op='argmax')
     dataset = Builder(cfg).val_dataset
-    samples = EvalSamples(dataset)
     precisions = ['fp32', 'bf16'] if bf16 else ['fp32']
-    predictors = {p: Predictor(deploy_dir, device=device, precision=p, cpu_threads=threads) for p in precisions}
-    metrics = {p: SegMetrics(dataset.num_classes, getattr(dataset, 'ignore_index', 255)) for p in precisions}
-    agreeing = total = 0
-    for index in range(len(samples)):
-        image, label, trans_info = samples[index]
-        raise_if_error(image, label)
-        labels = {}
-        for precision, predictor in predictors.items():
-            labels[precision] = predictor.to_label(predictor.run(image[None])[0], trans_info)
-            metrics[precision].update(labels[precision], label)
-        if bf16:
-            agreeing += int((labels['fp32'] == labels['bf16']).sum())
-            total += labels['fp32'].size
-    result = {'config': config_path, 'weights': weights, 'num_images': len(samples)}
+    result = {'config': config_path, 'weights': weights, 'num_images': len(dataset)}
+    recorded = {}
     for precision in precisions:
-        result[f'miou_{precision}'] = metrics[precision].compute()['miou']
+        recorded[precision] = _RecordingSegmenter(
+            ExportedSegmenter(deploy_dir, device=device, precision=precision, cpu_threads=threads))
+        result[f'miou_{precision}'] = evaluate(recorded[precision], dataset)['miou']
     if bf16:
-        result['agreement_pct'] = agreeing / total * 100
+        pairs = list(zip(recorded['fp32'].outputs, recorded['bf16'].outputs))
+        result['agreement_pct'] = (sum(int((a == b).sum()) for a, b in pairs)
+                                   / sum(a.size for a, _ in pairs) * 100)
         result['miou_difference_points'] = abs(result['miou_fp32'] - result['miou_bf16']) * 100
     return result
 

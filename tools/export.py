@@ -1,7 +1,7 @@
 """Export for Paddle Inference: python tools/export.py --config CFG --model_path PATH --save_dir DIR"""
 import argparse
 
-from emanet.cli import add_verbose_flag, load_config_from_args, run_cli
+from cli import add_verbose_flag, load_config_from_args, run_cli
 from emanet.config import ConfigError, build_model
 from emanet.deploy.export import OUTPUT_OPS, export_model, export_stage
 from emanet.logger import drop_stderr_lines, ignore_warnings

@@ -1,8 +1,9 @@
 """Segment images with an exported model: python tools/infer.py --config DIR/deploy.yaml --image_path IMG_OR_DIR"""
 import argparse
 
-from emanet.cli import add_device_flag, run_cli
-from emanet.deploy.predictor import PRECISIONS, Predictor, predict_images
+from cli import add_device_flag, run_cli
+from emanet.deploy.predictor import PRECISIONS, ExportedSegmenter
+from emanet.engine.predict import predict_images
 from emanet.logger import logger
 
 
@@ -19,8 +20,9 @@ def parse_args(argv=None):
 
 
 def main(args):
-    predictor = Predictor(args.config, device=args.device, precision=args.precision, cpu_threads=args.cpu_threads)
-    count = predict_images(predictor, args.image_path, args.save_dir)
+    segmenter = ExportedSegmenter(args.config, device=args.device, precision=args.precision,
+                                  cpu_threads=args.cpu_threads)
+    count = predict_images(segmenter, args.image_path, args.save_dir)
     logger.info("Predicted %d images; masks in %s/pseudo_color_prediction, overlays in %s/added_prediction",
                 count, args.save_dir, args.save_dir)
 

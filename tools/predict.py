@@ -1,19 +1,19 @@
 """Predict images: python tools/predict.py --config CFG --model_path PATH --image_path IMG_OR_DIR --save_dir out/"""
 import argparse
 
-from emanet.cli import (add_augment_flags, add_device_flag, add_verbose_flag, augment_flags, load_config_from_args,
-                        run_cli)
-from emanet.config import Builder, build_model
-from emanet.engine.evaluate import augment_options
-from emanet.engine.predict import predict
-from emanet.runtime import set_device
+from cli import (add_augment_flags, add_device_flag, add_verbose_flag, load_config_from_args, load_segmenter,
+                 run_cli)
+from emanet.config import Builder
+from emanet.engine.predict import predict_images
 from emanet.logger import logger
+from emanet.runtime import set_device
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('--config', required=True, help='YAML config file')
-    parser.add_argument('--model_path', required=True, help='model.pdparams file or URL')
+    parser.add_argument('--model_path', required=True,
+                        help='model.pdparams file or URL, or a folder written by tools/export.py')
     parser.add_argument('--image_path', required=True, help='an image, a folder of images, or a list file')
     parser.add_argument('--save_dir', default='output/result', help='where the masks and overlays go')
     parser.add_argument('--save_format', default='pseudo_color', choices=['pseudo_color', 'cityscapes'],
@@ -28,11 +28,10 @@ def parse_args(argv=None):
 def main(args):
     set_device(args.device)
     cfg = load_config_from_args(args, training=False)
-    model = build_model(cfg, weights=args.model_path)
-    builder = Builder(cfg)
-    count = predict(model, builder.val_transforms, args.image_path, args.save_dir,
-                    palette=getattr(builder.val_dataset_class, 'PALETTE', None), save_format=args.save_format,
-                    **augment_options(cfg.test_config, **augment_flags(args)))
+    dataset_class = Builder(cfg).val_dataset_class
+    count = predict_images(load_segmenter(args, cfg), args.image_path, args.save_dir,
+                           palette=getattr(dataset_class, 'PALETTE', None), save_format=args.save_format,
+                           label_ids=getattr(dataset_class, 'LABEL_IDS', None))
     if args.save_format == 'cityscapes':
         logger.info("Predicted %d images; label-id PNGs in %s", count, args.save_dir)
     else:

@@ -1,7 +1,7 @@
 """Write Cityscapes' *_gtFine_labelTrainIds.png: python tools/prepare_cityscapes.py --dataset_root data/cityscapes"""
 import argparse
 
-from emanet.cli import run_cli
+from cli import run_cli
 from emanet.data.prepare_cityscapes import SOURCES, SPLITS, make_train_ids
 
 

@@ -2,7 +2,7 @@
 python tools/prepare_voc12aug.py --voc_root data/VOCdevkit --sbd_root data/benchmark_RELEASE"""
 import argparse
 
-from emanet.cli import run_cli
+from cli import run_cli
 from emanet.data.prepare_voc import make_voc12_aug
 
 

@@ -2,12 +2,12 @@
 import argparse
 import os
 
-from emanet.cli import (add_device_flag, add_paddleseg_train_flags, add_verbose_flag, flags_without_effect,
+from cli import (add_device_flag, add_paddleseg_train_flags, add_verbose_flag, flags_without_effect,
                         load_config_from_args, run_cli)
 from emanet.config import save_config
-from emanet.engine.evaluate import augment_options
 from emanet.engine.trainer import train
 from emanet.logger import ignore_warnings, logger
+from emanet.segmenter import InferenceOptions
 
 # Paddle's BatchNorm warns at its first training step that it tracks running statistics: nothing to act on.
 BATCH_NORM_NOTE = 'When training, we now always track global mean and variance'
@@ -51,7 +51,7 @@ def main(args):
                      do_eval=args.do_eval, use_vdl=args.use_vdl, resume_model=args.resume_model,
                      save_interval=args.save_interval, log_iters=args.log_iters,
                      keep_checkpoint_max=args.keep_checkpoint_max, seed=args.seed, precision=args.precision,
-                     amp_level=args.amp_level, eval_kwargs=augment_options(cfg.test_config))
+                     amp_level=args.amp_level, eval_options=InferenceOptions.from_config(cfg.test_config))
 
 
 if __name__ == '__main__':

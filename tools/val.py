@@ -3,15 +3,13 @@
 --model_path may also be a folder written by tools/export.py: the exported model is then
 evaluated through Paddle Inference (oneDNN on CPU), with --precision fp32 or bf16.
 """
-import os
-
 import argparse
 
-from emanet.cli import (add_augment_flags, add_device_flag, add_verbose_flag, augment_flags, load_config_from_args,
-                        run_cli)
-from emanet.config import Builder, build_model
-from emanet.deploy.predictor import Predictor, evaluate_predictor
-from emanet.engine.evaluate import augment_options, evaluate
+from cli import (add_augment_flags, add_device_flag, add_verbose_flag, load_config_from_args, load_segmenter,
+                 run_cli)
+from emanet.config import Builder
+from emanet.deploy.predictor import ExportedSegmenter
+from emanet.engine.evaluate import evaluate
 from emanet.logger import logger
 from emanet.runtime import set_device
 
@@ -35,21 +33,14 @@ def parse_args(argv=None):
 def main(args):
     set_device(args.device)
     cfg = load_config_from_args(args, training=False)
-    if os.path.isdir(args.model_path):
-        augment = {k: v for k, v in augment_flags(args).items() if v}
-        if augment:
-            raise ValueError(f"an exported model is evaluated as exported; drop {', '.join('--' + k for k in augment)}")
-        not_applied = [key for key, value in cfg.test_config.items() if value]
-        if not_applied:
-            logger.warning("Exported model: test_config %s not applied; it is evaluated as exported "
-                           "(one scale, no flip, whole image)", ', '.join(not_applied))
-        predictor = Predictor(args.model_path, device=args.device, precision=args.precision)
-        evaluate_predictor(predictor, Builder(cfg).val_dataset, save_json=args.save_json)
-        return
-    model = build_model(cfg, weights=args.model_path)
-    dataset = Builder(cfg).val_dataset
-    evaluate(model, dataset, num_workers=args.num_workers, save_json=args.save_json,
-             **augment_options(cfg.test_config, **augment_flags(args)))
+    segmenter = load_segmenter(args, cfg)
+    note = None
+    not_applied = [key for key, value in cfg.test_config.items() if value]
+    if isinstance(segmenter, ExportedSegmenter) and not_applied:
+        note = f"exported model: test_config {', '.join(not_applied)} not applied"
+        logger.warning("Exported model: test_config %s not applied; it is evaluated as exported "
+                       "(one scale, no flip, whole image)", ', '.join(not_applied))
+    evaluate(segmenter, Builder(cfg).val_dataset, num_workers=args.num_workers, save_json=args.save_json, note=note)
 
 
 if __name__ == '__main__':

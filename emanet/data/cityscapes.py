@@ -54,6 +54,8 @@ class Cityscapes(Dataset):
     CLASS_NAMES = tuple(trainId2label[train_id].name for train_id in range(NUM_CLASSES))
     # The official colour of each class, RGB, in trainId order.
     PALETTE = tuple(trainId2label[train_id].color for train_id in range(NUM_CLASSES))
+    # The official label id of each train id (256 entries): what the evaluation server reads.
+    LABEL_IDS = TRAIN_ID_TO_ID
 
     def __init__(self, transforms, dataset_root, mode='train', edge=False):
         self.dataset_root = dataset_root

@@ -1,4 +1,4 @@
-"""Logits for a batch of images: test-time augmentation, sliding window, undoing PaddleSeg's transforms.
+"""The dygraph model as a Segmenter: logits with test-time augmentation and sliding windows.
 
 Same semantics as PaddleSeg's ``aug_inference``/``slide_inference``, and like them one forward
 pass per scale and flip on every device: a batch of every flipped copy would multiply the peak
@@ -7,35 +7,58 @@ where PaddleSeg's does) and is no faster on CPU (ResNet50, 1024x512, 2 cores: 2.
 1.98x single-scale). The sliding window stays on the device instead of accumulating in numpy.
 """
 import collections.abc
+import contextlib
 
 import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+from emanet.segmenter import InferenceOptions, Segmenter, build_transforms
 
-@paddle.no_grad()
-def infer_logits(model, images, scales=(1.0,), flip_horizontal=False, flip_vertical=False,
-                 is_slide=False, crop_size=None, stride=None):
-    """Logits [N, C, H, W] for images [N, 3, H, W], averaged over every scale x flip.
 
-    Each scale resizes the images to (int(H * scale + 0.5), int(W * scale + 0.5)), PaddleSeg's
-    rounding. With only scale 1.0 and no flip this is exactly ``model(images)[0]``.
+class ModelSegmenter(Segmenter):
+    """A dygraph model behind the ``Segmenter`` interface, run with its test-time ``options``.
 
     Args:
         model: a PaddleSeg-style model returning a list whose first element is the main logits.
-        scales: a float or a sequence of floats.
-        is_slide: run the model on windows of ``crop_size`` (w, h) every ``stride`` (w, h).
+        transforms_cfg (list[dict]): the config's val transforms, to prepare single images.
+        options (InferenceOptions): flips, scales, sliding window.
+        autocast (dict): ``paddle.amp.auto_cast`` arguments for a model trained with mixed precision.
     """
-    scales = [scales] if isinstance(scales, (int, float)) else list(scales)
-    flips = _flip_combinations(flip_horizontal, flip_vertical)
+
+    def __init__(self, model, transforms_cfg=(), options=InferenceOptions(), autocast=None):
+        self.model = model
+        self.transforms = build_transforms(transforms_cfg)
+        self.options = options
+        self.autocast = autocast
+
+    def logits(self, images):
+        self.model.eval()
+        images = images if isinstance(images, paddle.Tensor) else paddle.to_tensor(images)
+        with paddle.amp.auto_cast(**self.autocast) if self.autocast else contextlib.nullcontext():
+            return infer_logits(self.model, images, self.options).astype('float32')
+
+
+@paddle.no_grad()
+def infer_logits(model, images, options=InferenceOptions()):
+    """Logits [N, C, H, W] for images [N, 3, H, W], averaged over every scale x flip of ``options``.
+
+    Flips and scales apply with ``options.aug_eval``. Each scale resizes the images to
+    (int(H * scale + 0.5), int(W * scale + 0.5)), PaddleSeg's rounding. With only scale 1.0 and
+    no flip this is exactly ``model(images)[0]``; ``options.is_slide`` runs windows of
+    ``crop_size`` (w, h) every ``stride`` (w, h).
+    """
+    scales = list(options.scales) if options.aug_eval else [1.0]
+    flips = _flip_combinations(options.aug_eval and options.flip_horizontal, options.aug_eval and options.flip_vertical)
     height, width = images.shape[-2:]
+    slide = (options.is_slide, options.crop_size, options.stride)
     if scales == [1.0] and flips == [(False, False)]:
-        return _forward(model, images, is_slide, crop_size, stride)
+        return _forward(model, images, *slide)
     summed = None
     for scale in scales:
         scaled = _resize(images, int(height * scale + 0.5), int(width * scale + 0.5))
         for flip in flips:
-            flipped_logits = _forward(model, _flip(scaled, flip), is_slide, crop_size, stride)  # [N, C, h, w]
+            flipped_logits = _forward(model, _flip(scaled, flip), *slide)  # [N, C, h, w]
             restored = _resize(_flip(flipped_logits, flip), height, width)  # [N, C, H, W]
             summed = restored if summed is None else summed + restored
     return summed / (len(scales) * len(flips))
@@ -110,34 +133,3 @@ def _slide_logits(model, images, crop_size, stride):
         summed[:, :, top:bottom, left:right] += window_logits
     count = paddle.to_tensor(count, dtype=summed.dtype, place=summed.place)  # [H, W]
     return summed / count
-
-
-@paddle.no_grad()
-def reverse_transform(logits, trans_info):
-    """Undo PaddleSeg transforms on logits [N, C, h, w], last transform first.
-
-    ``trans_info`` is the list PaddleSeg's transforms record: ('resize', (h, w)) or
-    ('padding', (h, w)) with the size before that transform. After a DataLoader batches it,
-    the mode becomes a list with one entry per image and each size a Tensor [N]; every image
-    of the batch must then share the sizes.
-    """
-    for mode, size in reversed(trans_info):
-        if isinstance(mode, (list, tuple)):
-            mode = mode[0]
-        height, width = _batch_size_value(size[0]), _batch_size_value(size[1])
-        if mode == 'resize':
-            logits = _resize(logits, height, width)
-        elif mode == 'padding':
-            logits = logits[:, :, :height, :width]
-        else:
-            raise ValueError(f"unknown transform {mode!r} in trans_info; expected 'resize' or 'padding'")
-    return logits
-
-
-def _batch_size_value(value):
-    """One int from an int, or from a batched Tensor/array whose entries must all agree."""
-    values = np.asarray(value.numpy() if isinstance(value, paddle.Tensor) else value).reshape(-1)
-    if len(set(values.tolist())) != 1:
-        raise ValueError(f"trans_info sizes differ across the batch ({values.tolist()}); "
-                         "reverse the transforms one image at a time")
-    return int(values[0])

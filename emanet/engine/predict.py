@@ -1,18 +1,14 @@
-"""Prediction on image files: label maps saved as pseudo-colour PNGs and overlays."""
+"""Prediction on image files: the one image loop, for any Segmenter; label maps saved as
+pseudo-colour PNGs and overlays, or as official label ids."""
 import os
 
 import cv2
 import numpy as np
-import paddle
-from paddleseg.transforms import Compose
 from paddleseg.utils.visualize import get_color_map_list, get_pseudo_color_map, visualize
 from tqdm import tqdm
 
-from emanet.data.cityscapes import TRAIN_ID_TO_ID
-from emanet.engine.evaluate import predict_logits
-from emanet.engine.inference import reverse_transform
-
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+SAVE_FORMATS = ('pseudo_color', 'cityscapes')
 
 
 def list_images(image_path):
@@ -47,17 +43,6 @@ def color_map(palette=None):
     return get_color_map_list(256)
 
 
-def predict_label(model, transforms, image_path, **augment):
-    """Label map [H, W] (uint8 or int) at the image's original size."""
-    data = transforms({'img': image_path, 'trans_info': [], 'gt_fields': []})
-    images = paddle.to_tensor(data['img'][None].astype('float32'))
-    logits = reverse_transform(predict_logits(model, images, **augment), data['trans_info'])
-    return paddle.argmax(logits, axis=1)[0].numpy()
-
-
-SAVE_FORMATS = ('pseudo_color', 'cityscapes')
-
-
 def save_pseudo_color(image_path, label, save_dir, name, colors):
     """Write ``label`` [H, W] uint8 as save_dir/pseudo_color_prediction/<name>.png and its overlay
     on the image as save_dir/added_prediction/<name>.jpg (PaddleSeg's folder names)."""
@@ -69,28 +54,29 @@ def save_pseudo_color(image_path, label, save_dir, name, colors):
     cv2.imwrite(overlay_path, visualize(image_path, label, colors, weight=0.6))
 
 
-def predict(model, transforms, image_path, save_dir, palette=None, save_format='pseudo_color', **augment):
-    """Predict every image under ``image_path`` and write the results to ``save_dir``.
+def predict_images(segmenter, image_path, save_dir, palette=None, save_format='pseudo_color', label_ids=None):
+    """Predict every image under ``image_path`` (an image, a folder or a list file) with ``segmenter``
+    (any ``emanet.segmenter.Segmenter``) and write the results to ``save_dir``; return the count.
 
-    ``transforms`` is a list of PaddleSeg transforms (the config's val transforms).
-    ``save_format`` 'pseudo_color' writes coloured masks and overlays; 'cityscapes' writes
-    single-channel PNGs of official Cityscapes label ids, named after each image, as the
-    Cityscapes evaluation server and ``cityscapesscripts`` read them.
+    ``save_format`` 'pseudo_color' writes coloured masks and overlays (``palette``: the dataset's
+    colours, else PaddleSeg's); 'cityscapes' writes single-channel PNGs of official label ids
+    (``label_ids``, the dataset's ``LABEL_IDS``: one id per train id), named after each image,
+    as the Cityscapes evaluation server and ``cityscapesscripts`` read them.
     """
     if save_format not in SAVE_FORMATS:
         raise ValueError(f"save_format must be one of {', '.join(SAVE_FORMATS)}, got '{save_format}'")
+    if save_format == 'cityscapes' and label_ids is None:
+        raise ValueError("save_format 'cityscapes' needs the dataset's official label ids; the config's val "
+                         "dataset has none (it is not Cityscapes): use save_format pseudo_color")
     paths, root = list_images(image_path)
-    transforms = Compose(transforms)
     colors = color_map(palette)
-    model.eval()
-    with paddle.no_grad():
-        for path in tqdm(paths, desc='predict', unit='image'):
-            label = predict_label(model, transforms, path, **augment).astype(np.uint8)
-            name = os.path.splitext(os.path.relpath(path, root))[0]
-            if save_format == 'cityscapes':
-                label_ids_path = os.path.join(save_dir, name + '.png')
-                os.makedirs(os.path.dirname(label_ids_path), exist_ok=True)
-                cv2.imwrite(label_ids_path, TRAIN_ID_TO_ID[label])
-                continue
-            save_pseudo_color(path, label, save_dir, name, colors)
+    for path in tqdm(paths, desc='predict', unit='image'):
+        label = segmenter.predict(path).astype(np.uint8)
+        name = os.path.splitext(os.path.relpath(path, root))[0]
+        if save_format == 'cityscapes':
+            label_ids_path = os.path.join(save_dir, name + '.png')
+            os.makedirs(os.path.dirname(label_ids_path), exist_ok=True)
+            cv2.imwrite(label_ids_path, np.asarray(label_ids, np.uint8)[label])
+            continue
+        save_pseudo_color(path, label, save_dir, name, colors)
     return len(paths)

@@ -21,9 +21,11 @@ from emanet.config import Builder
 from emanet.data.loading import ResumableBatchSampler, TrainSamples, collate_train, raise_if_error
 from emanet.engine.distributed import average_batch_norm_statistics
 from emanet.engine.evaluate import evaluate
+from emanet.engine.inference import ModelSegmenter
 from emanet.logger import logger
 from emanet.models import EMAU
 from emanet.runtime import set_device
+from emanet.segmenter import InferenceOptions
 
 CHECKPOINT_PREFIX = 'iter_'
 STATE_FILE = 'train_state.json'
@@ -144,12 +146,13 @@ def format_eta(seconds):
 
 def train(cfg, save_dir='output', device='cpu', num_workers=0, do_eval=False, use_vdl=False,
           resume_model=None, save_interval=1000, log_iters=10, keep_checkpoint_max=5, seed=None,
-          precision='fp32', amp_level='O1', eval_kwargs=None):
+          precision='fp32', amp_level='O1', eval_options=InferenceOptions()):
     """Train the model of a loaded config (``emanet.config.load_config``) and return the final model.
 
     Checkpoints land in ``save_dir/iter_N`` every ``save_interval`` iterations (and at the
-    end); with ``do_eval`` each is evaluated and the best by mIoU is copied to
-    ``save_dir/best_model``. ``resume_model`` is an iter_N folder, or 'latest'.
+    end); with ``do_eval`` each is evaluated (with ``eval_options``, the config's test_config)
+    and the best by mIoU is copied to ``save_dir/best_model``. ``resume_model`` is an iter_N
+    folder, or 'latest'.
     """
     device = set_device(device)
     world_size, rank = dist.get_world_size(), dist.get_rank()
@@ -253,8 +256,8 @@ def train(cfg, save_dir='output', device='cpu', num_workers=0, do_eval=False, us
             average_batch_norm_statistics(model)
             evaluation = None
             if do_eval:
-                evaluation = evaluate(model, val_dataset, num_workers=num_workers, autocast=autocast,
-                                      **(eval_kwargs or {}))
+                evaluation = evaluate(ModelSegmenter(model, options=eval_options, autocast=autocast),
+                                      val_dataset, num_workers=num_workers)
                 model.train()
                 if evaluation['miou'] > best['miou']:
                     best = {'miou': evaluation['miou'], 'iter': iteration}

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from emanet.engine.inference import reverse_transform
+from emanet.segmenter import undo_transforms
 from emanet.engine.metrics import SegMetrics
 
 IGNORE = 255
@@ -62,7 +62,7 @@ def test_padding_then_reverse_transform_restores_the_original_size(sample, targe
     target = (max(target[0], image.shape[1]), max(target[1], image.shape[0]))
     out = run([T.Padding(target_size=list(target))], image)
     logits = paddle.to_tensor(out['img'].transpose(2, 0, 1)[None].copy())
-    restored = reverse_transform(logits, out['trans_info']).numpy()[0].transpose(1, 2, 0)
+    restored = undo_transforms(logits, out['trans_info']).numpy()[0].transpose(1, 2, 0)
     assert np.array_equal(restored, image)
 
 

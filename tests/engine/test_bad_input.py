@@ -12,6 +12,7 @@ from conftest import TOOLS
 from emanet.config import Builder, load_config
 from emanet.data.loading import SampleError
 from emanet.engine.evaluate import evaluate
+from emanet.engine.inference import ModelSegmenter
 from emanet.engine.trainer import train
 
 
@@ -64,7 +65,7 @@ def test_label_values_out_of_range_are_named_in_training_and_evaluation(tiny_con
         train(cfg, save_dir=str(tmp_path / 'out'), seed=0)
     builder = Builder(cfg)
     with pytest.raises(SampleError, match=r'9_label\.png: label values \[3, 7\]'):
-        evaluate(builder.model, builder.val_dataset)
+        evaluate(ModelSegmenter(builder.model), builder.val_dataset)
 
 
 def test_a_checkpoint_for_another_model_is_one_line_from_the_tools(tiny_config, tmp_path):

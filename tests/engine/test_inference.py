@@ -1,15 +1,19 @@
-"""Inference: test-time augmentation, flips, sliding window, undoing PaddleSeg's transforms."""
+"""Inference of a dygraph model: test-time augmentation, flips, sliding window."""
 import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 import pytest
-from paddle.io import DataLoader, Dataset
-from paddleseg.transforms import Padding, Resize
 
-from emanet.engine.inference import infer_logits, reverse_transform
+from emanet.engine.inference import infer_logits
+from emanet.segmenter import InferenceOptions
 
 NUM_CLASSES = 4
+
+
+def opts(**options):
+    """Test-time options with ``aug_eval`` on, so that the flips and scales given apply."""
+    return InferenceOptions(aug_eval=True, **options)
 
 
 class PointwiseModel(nn.Layer):
@@ -80,14 +84,14 @@ def test_flips_of_a_flip_symmetric_model_on_a_symmetric_image_change_nothing():
     half = random_images(1, 3, 6, 4)
     images = paddle.concat([half, flip_w(half)], axis=3)  # [1, 3, 6, 8], left-right symmetric
     plain = infer_logits(model, images)
-    flipped = infer_logits(model, images, flip_horizontal=True)
+    flipped = infer_logits(model, images, opts(flip_horizontal=True))
     np.testing.assert_allclose(flipped.numpy(), plain.numpy(), atol=1e-6)
 
 
 def test_flipped_logits_are_flipped_back_before_averaging():
     model = RampModel(symmetric=False)
     images = random_images(2, 3, 5, 6)
-    logits = infer_logits(model, images, flip_horizontal=True, flip_vertical=True)
+    logits = infer_logits(model, images, opts(flip_horizontal=True, flip_vertical=True))
     expected = (model(images)[0]
                 + flip_w(model(flip_w(images))[0])
                 + flip_h(model(flip_h(images))[0])
@@ -99,7 +103,7 @@ def test_multi_scale_averages_the_logits_resized_back_to_the_input():
     model = RampModel(symmetric=False)
     images = random_images(1, 3, 7, 10)
     scales = (0.75, 1.0, 1.5)
-    logits = infer_logits(model, images, scales=scales)
+    logits = infer_logits(model, images, opts(scales=scales))
     # Halves round up, as in PaddleSeg: 7 * 0.75 = 5.25 -> 5, 10 * 0.75 = 7.5 -> 8, 7 * 1.5 = 10.5 -> 11.
     sizes = [[5, 8], [7, 10], [11, 15]]
     expected = sum(F.interpolate(model(F.interpolate(images, size, mode='bilinear'))[0], [7, 10], mode='bilinear')
@@ -112,10 +116,10 @@ def test_every_scale_and_flip_is_one_forward_of_the_batch_alone():
     # As PaddleSeg: the peak batch is the input's, on every device (no branch looks at the device).
     model = CountingModel(PointwiseModel())
     images = random_images(2, 3, 6, 6)
-    infer_logits(model, images, scales=(0.5, 1.0), flip_horizontal=True, flip_vertical=True)
+    infer_logits(model, images, opts(scales=(0.5, 1.0), flip_horizontal=True, flip_vertical=True))
     assert model.batch_sizes == [2] * 2 * 4
     model.batch_sizes.clear()
-    infer_logits(model, images, flip_horizontal=True)
+    infer_logits(model, images, opts(flip_horizontal=True))
     assert model.batch_sizes == [2, 2]
 
 
@@ -123,7 +127,7 @@ def test_sliding_window_of_a_translation_equivariant_model_equals_the_whole_imag
     model = PointwiseModel()
     images = random_images(2, 3, 10, 13)
     whole = model(images)[0]
-    windowed = infer_logits(model, images, is_slide=True, crop_size=(4, 3), stride=(3, 2))
+    windowed = infer_logits(model, images, opts(is_slide=True, crop_size=(4, 3), stride=(3, 2)))
     np.testing.assert_allclose(windowed.numpy(), whole.numpy(), atol=1e-6)
 
 
@@ -135,7 +139,7 @@ def test_sliding_window_tiles_row_major_with_the_last_window_on_the_edge():
         return [x]
 
     images = paddle.arange(7 * 11, dtype='float32').reshape([1, 1, 7, 11])
-    infer_logits(recording_model, images, is_slide=True, crop_size=(4, 4), stride=(3, 3))
+    infer_logits(recording_model, images, opts(is_slide=True, crop_size=(4, 4), stride=(3, 3)))
     # Rows start at 0, 3 (= 7 - 4); columns at 0, 3, 6 and 7 (= 11 - 4) rather than 9.
     starts = [divmod(int(window[0, 0, 0, 0]), 11) for window in inputs]
     assert starts == [(0, 0), (0, 3), (0, 6), (0, 7), (3, 0), (3, 3), (3, 6), (3, 7)]
@@ -145,66 +149,26 @@ def test_sliding_window_tiles_row_major_with_the_last_window_on_the_edge():
 def test_sliding_window_larger_than_the_image_runs_once_on_the_whole_image():
     model = CountingModel(PointwiseModel())
     images = random_images(1, 3, 5, 6)
-    windowed = infer_logits(model, images, is_slide=True, crop_size=(8, 8), stride=(4, 4))
+    windowed = infer_logits(model, images, opts(is_slide=True, crop_size=(8, 8), stride=(4, 4)))
     assert model.batch_sizes == [1]
     np.testing.assert_allclose(windowed.numpy(), model(images)[0].numpy(), atol=1e-6)
 
 
 def test_sliding_window_with_stride_beyond_crop_refuses_uncovered_pixels():
     with pytest.raises(ValueError, match='stride .* is larger than crop_size'):
-        infer_logits(PointwiseModel(), random_images(1, 3, 10, 10), is_slide=True,
-                     crop_size=(3, 3), stride=(5, 5))
+        infer_logits(PointwiseModel(), random_images(1, 3, 10, 10),
+                     opts(is_slide=True, crop_size=(3, 3), stride=(5, 5)))
 
 
 def test_sliding_window_combines_with_scales_and_flips():
     model = PointwiseModel()
     images = random_images(1, 3, 9, 9)
-    expected = infer_logits(model, images, scales=(1.0, 0.5), flip_horizontal=True)
-    windowed = infer_logits(model, images, scales=(1.0, 0.5), flip_horizontal=True,
-                            is_slide=True, crop_size=(4, 4), stride=(3, 3))
+    expected = infer_logits(model, images, opts(scales=(1.0, 0.5), flip_horizontal=True))
+    windowed = infer_logits(model, images, opts(scales=(1.0, 0.5), flip_horizontal=True,
+                                                is_slide=True, crop_size=(4, 4), stride=(3, 3)))
     np.testing.assert_allclose(windowed.numpy(), expected.numpy(), atol=1e-6)
 
 
 def test_a_model_returning_a_bare_tensor_is_refused():
     with pytest.raises(TypeError, match='list of logits'):
         infer_logits(lambda x: x, random_images(2, 3, 4, 4))
-
-
-def transformed_sample():
-    """A 5x7 image padded to 6x9 (h x w), then resized to 4x4, as PaddleSeg records it."""
-    data = {'img': np.zeros([5, 7, 3], dtype='float32'), 'trans_info': []}
-    data = Padding(target_size=(9, 6))(data)
-    return Resize(target_size=(4, 4))(data)
-
-
-def test_reverse_transform_undoes_resize_then_padding():
-    trans_info = transformed_sample()['trans_info']
-    assert [mode for mode, _ in trans_info] == ['padding', 'resize']
-    logits = random_images(1, NUM_CLASSES, 4, 4)
-    restored = reverse_transform(logits, trans_info)
-    expected = F.interpolate(logits, [6, 9], mode='bilinear')[:, :, :5, :7]
-    assert restored.shape == [1, NUM_CLASSES, 5, 7]
-    np.testing.assert_array_equal(restored.numpy(), expected.numpy())
-
-
-class TransformedSamples(Dataset):
-    def __getitem__(self, index):
-        sample = transformed_sample()
-        return {'img': sample['img'], 'trans_info': sample['trans_info']}
-
-    def __len__(self):
-        return 2
-
-
-def test_reverse_transform_reads_trans_info_as_a_data_loader_batches_it():
-    batch = next(iter(DataLoader(TransformedSamples(), batch_size=2, return_list=True)))
-    logits = random_images(2, NUM_CLASSES, 4, 4)
-    restored = reverse_transform(logits, batch['trans_info'])
-    expected = reverse_transform(logits, transformed_sample()['trans_info'])
-    np.testing.assert_array_equal(restored.numpy(), expected.numpy())
-
-
-def test_reverse_transform_refuses_sizes_that_differ_within_a_batch():
-    trans_info = [[['padding', 'padding'], [paddle.to_tensor([5, 6]), paddle.to_tensor([7, 7])]]]
-    with pytest.raises(ValueError, match=r'differ across the batch \(\[5, 6\]\)'):
-        reverse_transform(random_images(2, NUM_CLASSES, 8, 8), trans_info)

@@ -1,13 +1,17 @@
-"""What the command-line tools share: flags, config loading, and one-sentence errors."""
+"""What the command-line tools share: flags, config loading, the segmenter --model_path names, and
+one-sentence errors. A module of the tools, not of the emanet package."""
 import argparse
 import os
 import sys
 
 from emanet.checkpoint import CheckpointError
-from emanet.config import ConfigError, load_config
+from emanet.config import ConfigError, build_model, load_config
+from emanet.deploy.predictor import ExportedSegmenter
 from emanet.download import DownloadError
+from emanet.engine.inference import ModelSegmenter
 from emanet.logger import logger, setup_logging
 from emanet.runtime import parse_device
+from emanet.segmenter import InferenceOptions
 
 # Errors a user can cause; the tools print their message alone, without a traceback.
 USER_ERRORS = (ConfigError, CheckpointError, DownloadError, FileNotFoundError, ValueError, RuntimeError)
@@ -42,6 +46,24 @@ def add_augment_flags(parser):
 def augment_flags(args):
     return {key: getattr(args, key) for key in
             ('aug_eval', 'scales', 'flip_horizontal', 'flip_vertical', 'is_slide', 'crop_size', 'stride')}
+
+
+def inference_options(args, cfg):
+    """The config's test_config with the command line's test-time flags over it, as one value."""
+    return InferenceOptions.from_config(cfg.test_config, **augment_flags(args))
+
+
+def load_segmenter(args, cfg):
+    """What --model_path names, as a Segmenter: a folder written by tools/export.py runs through Paddle
+    Inference (in --precision); weights (a file or URL) go into the config's model, run with the
+    test-time options of test_config and the command line."""
+    if os.path.isdir(args.model_path):
+        given = [f'--{key}' for key, value in augment_flags(args).items() if value]
+        if given:
+            raise ValueError(f"an exported model runs as exported; drop {', '.join(given)}")
+        return ExportedSegmenter(args.model_path, device=args.device, precision=getattr(args, 'precision', 'fp32'))
+    model = build_model(cfg, weights=args.model_path)
+    return ModelSegmenter(model, cfg.val_dataset_cfg.get('transforms') or [], inference_options(args, cfg))
 
 
 def add_verbose_flag(parser):
