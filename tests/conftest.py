@@ -121,3 +121,50 @@ def tiny_config(tiny_dataset, tmp_path):
         path.write_text(CONFIG.format(root=tiny_dataset) + textwrap.dedent(extra))
         return str(path)
     return write
+
+
+STREET_SCENES_CONFIG = '''
+batch_size: 2
+iters: {iters}
+train_dataset:
+  type: StreetScenes
+  dataset_root: {root}
+  num_train: 8
+  num_val: {num_val}
+  size: {size}
+  mode: train
+  transforms:
+    - type: RandomHorizontalFlip
+    - type: Normalize
+val_dataset:
+  type: StreetScenes
+  dataset_root: {root}
+  num_train: 8
+  num_val: {num_val}
+  size: {size}
+  mode: val
+  transforms:
+    - type: Normalize
+optimizer: {optimizer}
+lr_scheduler: {{type: PolynomialDecay, learning_rate: {learning_rate}, power: 0.9, end_lr: 0}}
+loss:
+  types: [{{type: CrossEntropyLoss}}]
+  coef: [1, 0.4]
+model:
+  type: EMANet
+  backbone: {backbone}
+  num_classes: 19
+  ema_channels: 32
+  gc_channels: 16
+  num_bases: 8
+'''
+
+
+def street_scenes_config(path, root, iters, num_val, size, optimizer='{type: AdamW, weight_decay: 0.0001}',
+                         learning_rate=0.002, backbone='{type: ResNet18_vd, output_stride: 8}', extra=''):
+    """Write a config training a small EMANet on 8 drawn street scenes (drawn into ``root`` on first use)."""
+    path.write_text(STREET_SCENES_CONFIG.format(root=root, iters=iters, num_val=num_val, size=list(size),
+                                                optimizer=optimizer, learning_rate=learning_rate,
+                                                backbone=backbone) + textwrap.dedent(extra))
+    return path
+

@@ -15,47 +15,11 @@ import numpy as np
 import paddle
 from paddleseg.models.backbones import ResNet18_vd
 
-from conftest import TOOLS, Handler
+from conftest import TOOLS, Handler, street_scenes_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BACKBONE_URL_PATH = '/backbones/ResNet18_vd_ssld.tar.gz'
 
-CONFIG = '''
-batch_size: 2
-iters: 4
-train_dataset:
-  type: StreetScenes
-  dataset_root: {root}
-  num_train: 8
-  num_val: 5
-  size: [96, 48]
-  mode: train
-  transforms:
-    - type: RandomHorizontalFlip
-    - type: Normalize
-val_dataset:
-  type: StreetScenes
-  dataset_root: {root}
-  num_train: 8
-  num_val: 5
-  size: [96, 48]
-  mode: val
-  transforms:
-    - type: Normalize
-test_config: {{aug_eval: True, flip_horizontal: True}}
-optimizer: {{type: SGD, momentum: 0.9, weight_decay: 4.0e-5}}
-lr_scheduler: {{type: PolynomialDecay, learning_rate: 0.01, power: 0.9, end_lr: 0}}
-loss:
-  types: [{{type: CrossEntropyLoss}}]
-  coef: [1, 0.4]
-model:
-  type: EMANet
-  backbone: {{type: ResNet18_vd, output_stride: 8, pretrained: {backbone_url}}}
-  num_classes: 19
-  ema_channels: 32
-  gc_channels: 16
-  num_bases: 8
-'''
 
 
 def backbone_archive(tmp_path):
@@ -94,8 +58,11 @@ def comparable(metrics):
 def test_two_processes_from_an_empty_cache_train_alike_and_evaluate_as_one(server, tmp_path):
     Handler.files[BACKBONE_URL_PATH] = backbone_archive(tmp_path)
     Handler.delay = 0.5  # both ranks ask for the weights while the first download is under way
-    config = tmp_path / 'config.yml'
-    config.write_text(CONFIG.format(root=tmp_path / 'scenes', backbone_url=server + BACKBONE_URL_PATH))
+    config = street_scenes_config(
+        tmp_path / 'config.yml', tmp_path / 'scenes', iters=4, num_val=5, size=(96, 48),
+        optimizer='{type: SGD, momentum: 0.9, weight_decay: 4.0e-5}', learning_rate=0.01,
+        backbone=f'{{type: ResNet18_vd, output_stride: 8, pretrained: {server}{BACKBONE_URL_PATH}}}',
+        extra='test_config: {aug_eval: True, flip_horizontal: True}\n')
     env = dict(os.environ, EMANET_CACHE=str(tmp_path / 'cache'))
     logs = launch(tmp_path, 'train_log', os.path.join(HERE, 'dist_tool_worker.py'), tmp_path,
                   '--config', config, '--save_dir', tmp_path / 'out', '--do_eval', '--save_interval', 2,

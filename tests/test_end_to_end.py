@@ -9,44 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TOOLS
+from conftest import TOOLS, street_scenes_config
 from cityscapes_eval import official_miou
 
-CONFIG = '''
-batch_size: 2
-iters: 8
-train_dataset:
-  type: StreetScenes
-  dataset_root: {root}
-  num_train: 8
-  num_val: 3
-  size: [128, 64]
-  mode: train
-  transforms:
-    - type: RandomHorizontalFlip
-    - type: Normalize
-val_dataset:
-  type: StreetScenes
-  dataset_root: {root}
-  num_train: 8
-  num_val: 3
-  size: [128, 64]
-  mode: val
-  transforms:
-    - type: Normalize
-optimizer: {{type: AdamW, weight_decay: 0.0001}}
-lr_scheduler: {{type: PolynomialDecay, learning_rate: 0.002, power: 0.9, end_lr: 0}}
-loss:
-  types: [{{type: CrossEntropyLoss}}]
-  coef: [1, 0.4]
-model:
-  type: EMANet
-  backbone: {{type: ResNet18_vd, output_stride: 8}}
-  num_classes: 19
-  ema_channels: 32
-  gc_channels: 16
-  num_bases: 8
-'''
 EVAL_LINE = re.compile(r'\[EVAL\] #Images: 3 mIoU: (0\.\d{4}) Acc: 0\.\d{4} Kappa: -?\d\.\d{4} Dice: 0\.\d{4}')
 
 
@@ -61,8 +26,7 @@ def run_tool(name, *args):
 def trained(tmp_path_factory):
     """A config, its dataset root and a checkpoint after a short training run with evaluation."""
     work = tmp_path_factory.mktemp('e2e')
-    config = work / 'config.yml'
-    config.write_text(CONFIG.format(root=work / 'scenes'))
+    config = street_scenes_config(work / 'config.yml', work / 'scenes', iters=8, num_val=3, size=(128, 64))
     out = run_tool('train.py', '--config', config, '--save_dir', work / 'out', '--do_eval',
                    '--save_interval', 4, '--log_iters', 4, '--seed', 0)
     assert re.search(r'\[TRAIN\] epoch: 2, iter: 8/8, loss: \d+\.\d{4}, lr: ', out)
