@@ -1,4 +1,6 @@
-"""Properties of the transforms the configs use, on random shapes and label maps (hypothesis)."""
+"""Properties of this package's own data handling on random sizes (hypothesis): sliding windows, the
+resumable sampler, undoing transforms on scores and labels, metrics."""
+import cv2
 import numpy as np
 import paddle
 import paddleseg.transforms as T
@@ -6,8 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from emanet.segmenter import undo_transforms
+from emanet.data.loading import ResumableBatchSampler
+from emanet.engine.inference import _window_starts
 from emanet.engine.metrics import SegMetrics
+from emanet.segmenter import undo_transforms
 
 IGNORE = 255
 shapes = st.tuples(st.integers(4, 40), st.integers(4, 40))
@@ -33,26 +37,47 @@ def run(transforms, image, label=None):
     return data
 
 
-@settings(max_examples=40, deadline=None)
-@given(samples())
-def test_horizontal_flip_twice_is_the_identity_and_keeps_image_and_label_aligned(sample):
-    image, label = sample
-    once = run([T.RandomHorizontalFlip(prob=1.0)], image, label)
-    assert np.array_equal(once['label'], label[:, ::-1])
-    assert np.array_equal(once['img'], image[:, ::-1])
-    twice = run([T.RandomHorizontalFlip(prob=1.0)], once['img'], once['label'])
-    assert np.array_equal(twice['label'], label) and np.array_equal(twice['img'], image)
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 120), st.integers(1, 120))
+def test_sliding_windows_cover_every_pixel_and_end_at_the_edge(length, window, step):
+    step = min(step, window)  # a stride beyond the window is refused before any window runs
+    starts = _window_starts(length, window, step)
+    covered = np.zeros(length, bool)
+    for start in starts:
+        covered[start:start + window] = True
+    assert covered.all() and starts[0] == 0 and min(starts[-1] + window, length) == length
+    assert starts == sorted(set(starts))
 
 
 @settings(max_examples=40, deadline=None)
-@given(samples(), shapes, st.integers(0, 2 ** 31 - 1))
-def test_scale_and_crop_give_the_crop_size_and_only_known_label_values(sample, crop, seed):
-    image, label = sample
-    np.random.seed(seed)
-    out = run([T.ResizeStepScaling(0.5, 2.0, 0.25), T.RandomPaddingCrop(crop_size=list(crop))], image, label)
-    width, height = crop
-    assert out['label'].shape == (height, width) and out['img'].shape[:2] == (height, width)
-    assert set(np.unique(out['label'])) <= set(np.unique(label)) | {IGNORE}
+@given(st.integers(1, 40), st.integers(1, 3), st.integers(1, 3), st.integers(0, 30), st.integers(0, 2 ** 31 - 1))
+def test_batches_split_over_ranks_are_disjoint_and_a_resumed_sampler_continues_the_same_order(
+        dataset_size, batch_size, world_size, start_iter, seed):
+    if dataset_size < batch_size * world_size:
+        return  # fewer images than one global batch is refused (tested elsewhere)
+    iters = start_iter + 5
+    ranks = [list(ResumableBatchSampler(dataset_size, batch_size, iters, seed, rank=r, world_size=world_size))
+             for r in range(world_size)]
+    for step in range(iters):
+        indices = [index for rank in ranks for _, index in rank[step]]
+        assert len(indices) == len(set(indices)) == batch_size * world_size
+        assert all(0 <= index < dataset_size for index in indices)
+    resumed = list(ResumableBatchSampler(dataset_size, batch_size, iters, seed, start_iter=start_iter, rank=0,
+                                         world_size=world_size))
+    assert resumed == ranks[0][start_iter:]
+
+
+@settings(max_examples=40, deadline=None)
+@given(samples(), shapes)
+def test_labels_resized_back_come_back_at_their_size_with_only_their_own_values(sample, target):
+    _, label = sample
+    out = run([T.Resize(target_size=list(target))], np.zeros(label.shape + (3,), 'float32'))
+    width, height = target
+    # Labels as a model would give them at the resized size.
+    small = cv2.resize(label, (width, height), interpolation=cv2.INTER_NEAREST).astype('float32')
+    restored = undo_transforms(paddle.to_tensor(small[None, None]), out['trans_info'], labels=True).numpy()[0, 0]
+    assert restored.shape == label.shape
+    assert set(np.unique(restored)) <= set(np.unique(label).astype('float32'))
 
 
 @settings(max_examples=40, deadline=None)

@@ -120,7 +120,13 @@ def test_evaluation_keeps_the_best_model_and_visualdl_gets_the_scalars(tiny_conf
     out = tmp_path / 'out'
     train(load_config(tiny_config()), save_dir=str(out), save_interval=3, seed=0, do_eval=True, use_vdl=True)
     best = json.loads((out / 'best_model' / 'train_state.json').read_text())['best']
-    assert best['iter'] in (3, 6) and 0.0 <= best['miou'] <= 1.0
+    evaluations = {it: json.loads((out / f'iter_{it}' / 'train_state.json').read_text())['evaluation']['miou']
+                   for it in (3, 6)}
+    assert best == {'miou': max(evaluations.values()), 'iter': max(evaluations, key=evaluations.get)}
+    best_weights, _ = weights_and_optimizer(out / 'best_model')
+    saved_weights, _ = weights_and_optimizer(out / f"iter_{best['iter']}")
+    for key in saved_weights:  # best_model holds the weights of the iteration it names
+        np.testing.assert_array_equal(best_weights[key], saved_weights[key], err_msg=key)
     records = b''.join(p.read_bytes() for p in out.glob('vdlrecords.*.log'))
     for tag in (b'Train/loss', b'Train/lr', b'Evaluate/mIoU'):
         assert tag in records
