@@ -48,7 +48,8 @@ from emanet.engine.inference import infer_logits
 from emanet.models.losses import CrossEntropyLoss
 from emanet.logger import logger
 from emanet.models import EMAU, EMANet
-from emanet.runtime import set_cpu_threads, tune_cpu_allocator
+from emanet.runtime import (MKL_AVX2_CPU_TYPE, MKL_CPU_TYPE_VARIABLE, cpu_vendor, fast_mkl_applied, set_cpu_threads,
+                            tune_cpu_allocator)
 from emanet.segmenter import InferenceOptions, Segmenter
 
 # Parts a user can leave out with --skip.
@@ -68,7 +69,8 @@ PADDLESEG_AUX_CHANNELS = 1024
 # Every row of the report, in its order; "ours" is emanet, "PaddleSeg" is paddleseg.models.EMANet.
 ROWS = {
     'eval_ours': '(a) ours, dygraph eval',
-    'eval_paddleseg': "(b) PaddleSeg 2.8.0, dygraph eval, Paddle's default allocator",
+    'eval_paddleseg': "(b) PaddleSeg 2.8.0, dygraph eval, Paddle's defaults (allocator, MKL's path)",
+    'eval_paddleseg_fast_mkl': "(b) with MKL's AVX2 path forced (MKL_DEBUG_CPU_TYPE=5)",
     'eval_paddleseg_tuned': "(b') PaddleSeg 2.8.0 model, dygraph eval, emanet's runtime",
     'infer_fp32': '(c) ours, exported, inference fp32',
     'infer_bf16': '(d) ours, exported, inference bf16',
@@ -386,8 +388,14 @@ def run_in_subprocess(spec, work_dir):
     spec_path = os.path.join(work_dir, f'{name}.spec.json')
     with open(spec_path, 'w') as f:
         json.dump(spec, f)
+    env = dict(os.environ)
+    if spec.get('runtime') == 'paddle' and not spec.get('fast_mkl') and fast_mkl_applied():
+        # As PaddleSeg's users run it: MKL picks its code path by CPU vendor (empty: emanet leaves it alone).
+        env[MKL_CPU_TYPE_VARIABLE] = ''
+    if spec.get('fast_mkl'):
+        env[MKL_CPU_TYPE_VARIABLE] = MKL_AVX2_CPU_TYPE
     process = subprocess.run([sys.executable, '-c', WORKER_CODE, spec_path, TOOLS_DIR], capture_output=True,
-                             text=True)
+                             text=True, env=env)
     if process.returncode != 0:
         tail = '\n'.join(process.stderr.strip().splitlines()[-15:])
         raise RuntimeError(f"benchmark variant {name} failed (exit code {process.returncode}):\n{tail}")
@@ -417,7 +425,11 @@ def machine_info(device, threads=None):
         'paddle': paddle.__version__,
         'paddleseg': paddleseg.__version__,
         'python': platform.python_version(),
+        'vendor': cpu_vendor(),
         'amx': 'amx_bf16' in flags,
+        'avx512_bf16': 'avx512_bf16' in flags,
+        'vnni': bool({'avx512_vnni', 'avx_vnni'} & flags),
+        'mkl_cpu_type': os.environ.get(MKL_CPU_TYPE_VARIABLE),
         'bf16_supported': bool(core.supports_bfloat16()),
     }
     if device == 'gpu':
@@ -433,6 +445,9 @@ def plan_jobs(skip, device, threads, bf16_supported):
                  'msflip': 'msflip' not in skip})
     if 'paddleseg' not in skip:
         jobs.append({'name': 'eval_paddleseg', 'kind': 'eval', 'implementation': 'paddleseg', 'runtime': 'paddle'})
+        if cpu_vendor() == 'AuthenticAMD':  # elsewhere MKL takes its fast path anyway
+            jobs.append({'name': 'eval_paddleseg_fast_mkl', 'kind': 'eval', 'implementation': 'paddleseg',
+                         'runtime': 'paddle', 'fast_mkl': True})
         jobs.append({'name': 'eval_paddleseg_tuned', 'kind': 'eval', 'implementation': 'paddleseg'})
     if 'inference' not in skip:
         jobs.append({'name': 'infer_fp32', 'kind': 'inference', 'precision': 'fp32'})
@@ -685,6 +700,8 @@ def format_report(results):
     lines.append(f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['threads']} threads used, "
                  f"Paddle {machine['paddle']}, PaddleSeg {machine['paddleseg']}, "
                  f"AMX {'yes' if machine['amx'] else 'no'} (oneDNN bf16 is fast only with AMX), "
+                 f"AVX-512 bf16 {'yes' if machine['avx512_bf16'] else 'no'}, VNNI {'yes' if machine['vnni'] else 'no'}, "
+                 f"MKL_DEBUG_CPU_TYPE {machine['mkl_cpu_type'] or 'unset'} (emanet rows), "
                  f"device {machine['device']}" + (f" ({machine['gpu']})" if 'gpu' in machine else ''))
     lines.append(f"Command: {results['command']}")
     return '\n'.join(lines)
