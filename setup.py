@@ -18,5 +18,9 @@ setup(
     packages=find_packages(include=['emanet', 'emanet.*']),
     python_requires='>=3.8',
     install_requires=requirements,
+    # pip install emanet-paddle[deploy]: ONNX, ONNX Runtime, OpenVINO and int8 quantization.
+    extras_require={'deploy': [line.split('#')[0].strip() for line in
+                               (here / 'requirements-deploy.txt').read_text().splitlines()
+                               if line.split('#')[0].strip()]},
     license='Apache-2.0',
 )

@@ -1,6 +1,7 @@
 """tools/benchmark.py end to end at toy sizes (it reports every number; speed is not checked),
 and the multiply-add counts it reports."""
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -78,13 +79,14 @@ def test_benchmark_tool_reports_every_variant(tmp_path):
 def test_em_unit_formula_counts_the_products_the_unit_runs(monkeypatch):
     batch, channels, height, width, num_bases, stage_num = 2, 8, 5, 7, 4, 3
     counted = []
-    bmm = paddle.bmm
+    matmul = paddle.matmul
 
-    def counting_bmm(x, y):
-        counted.append(x.shape[0] * x.shape[1] * x.shape[2] * y.shape[2])  # B x M x K x N
-        return bmm(x, y)
+    def counting_matmul(x, y, **kwargs):
+        out = matmul(x, y, **kwargs)
+        counted.append(math.prod(out.shape) * x.shape[-1])  # output elements x the summed dimension
+        return out
 
-    monkeypatch.setattr(paddle, 'bmm', counting_bmm)
+    monkeypatch.setattr(paddle, 'matmul', counting_matmul)
     unit = EMAU(channels, num_bases, stage_num)
     unit.eval()
     unit(paddle.randn([batch, channels, height, width]))

@@ -42,7 +42,7 @@ from paddleseg.models import layers
 from emanet.checkpoint import load_weights, save_state
 from emanet.config import Builder, ConfigError, build_model, closest, load_config
 from emanet.deploy.export import export_model, export_stage
-from emanet.deploy.predictor import ExportedSegmenter
+from emanet.deploy.predictor import load_exported
 from emanet.engine.evaluate import evaluate
 from emanet.engine.inference import infer_logits
 from emanet.models.losses import CrossEntropyLoss
@@ -297,8 +297,8 @@ def measure_eval(spec):
 
 def measure_inference(spec):
     """An exported model through Paddle Inference (oneDNN on CPU) in spec['precision']."""
-    predictor = ExportedSegmenter(spec['deploy_dir'], device=spec['device'], precision=spec['precision'],
-                                  cpu_threads=spec['threads'])
+    predictor = load_exported(spec['deploy_dir'], device=spec['device'], precision=spec['precision'],
+                              cpu_threads=spec['threads'])
     images = random_images(spec['input_shape'], spec['seed'])
     result, labels = time_calls(lambda: predictor.run(images), spec['runs'], spec['warmup'], spec['device'])
     np.save(spec['labels_path'], labels.astype('int32'))
@@ -498,7 +498,7 @@ def evaluate_quickstart(config_path, weights, work_dir, device='cpu', threads=No
     recorded = {}
     for precision in precisions:
         recorded[precision] = _RecordingSegmenter(
-            ExportedSegmenter(deploy_dir, device=device, precision=precision, cpu_threads=threads))
+            load_exported(deploy_dir, device=device, precision=precision, cpu_threads=threads))
         result[f'miou_{precision}'] = evaluate(recorded[precision], dataset)['miou']
     if bf16:
         pairs = list(zip(recorded['fp32'].outputs, recorded['bf16'].outputs))

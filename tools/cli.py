@@ -6,7 +6,7 @@ import sys
 
 from emanet.checkpoint import CheckpointError
 from emanet.config import ConfigError, build_model, load_config
-from emanet.deploy.predictor import ExportedSegmenter
+from emanet.deploy.predictor import BACKEND_FORMATS, load_exported
 from emanet.download import DownloadError
 from emanet.engine.inference import ModelSegmenter
 from emanet.logger import logger, setup_logging
@@ -32,6 +32,13 @@ def add_device_flag(parser, help='where to run'):
                              "paddle.distributed.launch each process takes its own GPU)")
 
 
+def add_backend_flag(parser):
+    """--backend for an exported model: by default the runtime its format is made for."""
+    parser.add_argument('--backend', choices=sorted(BACKEND_FORMATS),
+                        help='for an exported model: paddle (Paddle Inference), onnxruntime or openvino; '
+                             "by default the one the folder's format is made for")
+
+
 def add_augment_flags(parser):
     """Test-time augmentation flags shared by val.py and predict.py (they override test_config)."""
     parser.add_argument('--aug_eval', action='store_true', default=None, help='use flips and scales below')
@@ -54,14 +61,15 @@ def inference_options(args, cfg):
 
 
 def load_segmenter(args, cfg):
-    """What --model_path names, as a Segmenter: a folder written by tools/export.py runs through Paddle
-    Inference (in --precision); weights (a file or URL) go into the config's model, run with the
+    """What --model_path names, as a Segmenter: a folder written by tools/export.py runs in its runtime
+    (or --backend, in --precision); weights (a file or URL) go into the config's model, run with the
     test-time options of test_config and the command line."""
     if os.path.isdir(args.model_path):
         given = [f'--{key}' for key, value in augment_flags(args).items() if value]
         if given:
             raise ValueError(f"an exported model runs as exported; drop {', '.join(given)}")
-        return ExportedSegmenter(args.model_path, device=args.device, precision=getattr(args, 'precision', 'fp32'))
+        return load_exported(args.model_path, backend=getattr(args, 'backend', None), device=args.device,
+                             precision=getattr(args, 'precision', 'fp32'))
     model = build_model(cfg, weights=args.model_path)
     return ModelSegmenter(model, cfg.val_dataset_cfg.get('transforms') or [], inference_options(args, cfg))
 

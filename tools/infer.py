@@ -1,8 +1,8 @@
 """Segment images with an exported model: python tools/infer.py --config DIR/deploy.yaml --image_path IMG_OR_DIR"""
 import argparse
 
-from cli import add_device_flag, run_cli
-from emanet.deploy.predictor import PRECISIONS, ExportedSegmenter
+from cli import add_backend_flag, add_device_flag, run_cli
+from emanet.deploy.predictor import PRECISIONS, load_exported
 from emanet.engine.predict import predict_images
 from emanet.logger import logger
 
@@ -13,15 +13,16 @@ def parse_args(argv=None):
     parser.add_argument('--image_path', required=True, help='an image, a folder of images, or a list file')
     parser.add_argument('--save_dir', default='output/result', help='where the masks and overlays go')
     add_device_flag(parser)
+    add_backend_flag(parser)
     parser.add_argument('--precision', default='fp32', choices=PRECISIONS,
-                        help='bf16 on a CPU with AVX-512 (oneDNN), fp16 on GPU')
+                        help='bf16 on a CPU that has it (oneDNN, OpenVINO), fp16 on GPU (Paddle Inference)')
     parser.add_argument('--cpu_threads', type=int, default=None, help='math threads on CPU; default every core')
     return parser.parse_args(argv)
 
 
 def main(args):
-    segmenter = ExportedSegmenter(args.config, device=args.device, precision=args.precision,
-                                  cpu_threads=args.cpu_threads)
+    segmenter = load_exported(args.config, backend=args.backend, device=args.device, precision=args.precision,
+                              cpu_threads=args.cpu_threads)
     count = predict_images(segmenter, args.image_path, args.save_dir)
     logger.info("Predicted %d images; masks in %s/pseudo_color_prediction, overlays in %s/added_prediction",
                 count, args.save_dir, args.save_dir)

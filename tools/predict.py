@@ -1,7 +1,7 @@
 """Predict images: python tools/predict.py --config CFG --model_path PATH --image_path IMG_OR_DIR --save_dir out/"""
 import argparse
 
-from cli import (add_augment_flags, add_device_flag, add_verbose_flag, load_config_from_args, load_segmenter,
+from cli import (add_augment_flags, add_backend_flag, add_device_flag, add_verbose_flag, load_config_from_args, load_segmenter,
                  run_cli)
 from emanet.config import Builder
 from emanet.engine.predict import predict_images
@@ -18,8 +18,11 @@ def parse_args(argv=None):
     parser.add_argument('--save_dir', default='output/result', help='where the masks and overlays go')
     parser.add_argument('--save_format', default='pseudo_color', choices=['pseudo_color', 'cityscapes'],
                         help="'cityscapes': PNGs of official label ids for the Cityscapes evaluator/server")
+    parser.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'],
+                        help='for an exported model: bf16 on a CPU that has it (oneDNN, OpenVINO), fp16 on GPU')
     add_device_flag(parser)
     parser.add_argument('--opts', nargs='+', default=None, help='config overrides key=value')
+    add_backend_flag(parser)
     add_augment_flags(parser)
     add_verbose_flag(parser)
     return parser.parse_args(argv)

@@ -5,7 +5,7 @@ evaluated through Paddle Inference (oneDNN on CPU), with --precision fp32 or bf1
 """
 import argparse
 
-from cli import (add_augment_flags, add_device_flag, add_verbose_flag, load_config_from_args, load_segmenter,
+from cli import (add_augment_flags, add_backend_flag, add_device_flag, add_verbose_flag, load_config_from_args, load_segmenter,
                  run_cli)
 from emanet.config import Builder
 from emanet.deploy.predictor import ExportedSegmenter
@@ -20,11 +20,12 @@ def parse_args(argv=None):
     parser.add_argument('--model_path', required=True,
                         help='model.pdparams file or URL, or a folder written by tools/export.py')
     parser.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'],
-                        help='for an exported model: bf16 on CPU (oneDNN), fp16 on GPU')
+                        help='for an exported model: bf16 on a CPU that has it (oneDNN, OpenVINO), fp16 on GPU')
     add_device_flag(parser)
     parser.add_argument('--num_workers', type=int, default=0, help='data loader processes')
     parser.add_argument('--save_json', help='also write the metrics to this JSON file')
     parser.add_argument('--opts', nargs='+', default=None, help='config overrides key=value')
+    add_backend_flag(parser)
     add_augment_flags(parser)
     add_verbose_flag(parser)
     return parser.parse_args(argv)

@@ -144,7 +144,8 @@ def export_model(model, save_dir, transforms_cfg, input_shape=None, output_op='a
     # Paddle 3 writes the program as model.json (PIR); older program formats are model.pdmodel.
     model_file = next(name for name in (MODEL_PREFIX + '.json', MODEL_PREFIX + '.pdmodel')
                       if os.path.isfile(os.path.join(save_dir, name)))
-    deploy = {'Deploy': {
+    path = write_deploy_config(save_dir, {
+        'format': 'paddle',
         'model': model_file,
         'params': MODEL_PREFIX + '.pdiparams',
         'transforms': copy.deepcopy(list(transforms_cfg)),
@@ -152,12 +153,17 @@ def export_model(model, save_dir, transforms_cfg, input_shape=None, output_op='a
         'output_op': output_op,
         'output_dtype': 'int32' if output_op == 'argmax' else 'float32',
         'num_classes': num_classes,
-    }}
-    path = os.path.join(save_dir, DEPLOY_FILE)
-    with open(path, 'w') as f:
-        yaml.safe_dump(deploy, f, sort_keys=False)
+    })
     logger.info("Exported the inference model (output_op %s, input %s) to %s",
                 output_op, shape, save_dir)
+    return path
+
+
+def write_deploy_config(save_dir, deploy):
+    """Write ``deploy`` (file names relative to ``save_dir``) as save_dir/deploy.yaml; return its path."""
+    path = os.path.join(save_dir, DEPLOY_FILE)
+    with open(path, 'w') as f:
+        yaml.safe_dump({'Deploy': deploy}, f, sort_keys=False)
     return path
 
 
@@ -170,14 +176,15 @@ def read_deploy_config(path):
         raise FileNotFoundError(f"deploy config not found: {path}")
     with open(path) as f:
         deploy = (yaml.safe_load(f) or {}).get('Deploy')
-    required = ('model', 'params', 'transforms', 'output_op')
+    required = ('model', 'transforms', 'output_op')
     if not isinstance(deploy, dict) or any(key not in deploy for key in required):
         raise ValueError(f"{path}: not a deploy config; expected a 'Deploy' section with "
                          f"{', '.join(required)}")
     folder = os.path.dirname(os.path.abspath(path))
-    deploy = dict(deploy, model=os.path.join(folder, deploy['model']),
-                  params=os.path.join(folder, deploy['params']))
-    for key in ('model', 'params'):
+    files = [key for key in ('model', 'params') if deploy.get(key)]  # an ONNX model has no params file
+    deploy = dict(deploy, format=deploy.get('format', 'paddle'),
+                  **{key: os.path.join(folder, deploy[key]) for key in files})
+    for key in files:
         if not os.path.isfile(deploy[key]):
             raise FileNotFoundError(f"{path}: {key} file not found: {deploy[key]}")
     return deploy

@@ -56,7 +56,7 @@ class EMAU(nn.Layer):
         feats = x.detach().astype('float32').flatten(2)  # [B, C, N]
         with paddle.no_grad(), paddle.amp.auto_cast(enable=False):
             bases, resp = self.em_steps(feats)
-            recon = paddle.bmm(bases, resp.transpose([0, 2, 1]))  # [B, C, N]
+            recon = paddle.matmul(bases, resp, transpose_y=True)  # [B, C, N]
             if self.training:
                 self.update_bases(bases)
         recon = paddle.reshape(recon, [0, self.channels, shape[2], shape[3]])
@@ -64,12 +64,15 @@ class EMAU(nn.Layer):
 
     def em_steps(self, feats):
         """Run T EM iterations on feats [B, C, N]; return bases [B, C, K] and responsibilities [B, N, K]."""
-        bases = paddle.tile(self.mu.astype('float32'), [paddle.shape(feats)[0], 1, 1])  # [B, C, K]
+        # The learned bases [1, C, K] broadcast over the batch in the first product. (Matrix products
+        # rather than bmm with tiled bases: exported graphs then keep static ranks, which OpenVINO needs,
+        # and Paddle's legacy static graph, which has no bmm for its variables, can trace the unit.)
+        bases = self.mu.astype('float32')
         feats_t = feats.transpose([0, 2, 1])  # [B, N, C]
         for _ in range(self.stage_num):
-            resp = F.softmax(paddle.bmm(feats_t, bases), axis=2)  # [B, N, K]
+            resp = F.softmax(paddle.matmul(feats_t, bases), axis=2)  # [B, N, K]
             resp_over_pixels = F.normalize(resp, p=1, axis=1)  # [B, N, K], sums to 1 over N
-            bases = F.normalize(paddle.bmm(feats, resp_over_pixels), p=2, axis=1)  # [B, C, K]
+            bases = F.normalize(paddle.matmul(feats, resp_over_pixels), p=2, axis=1)  # [B, C, K]
         return bases, resp
 
     def update_bases(self, bases):

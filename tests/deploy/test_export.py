@@ -17,7 +17,7 @@ from emanet import EMANet
 from emanet.checkpoint import save_state
 from emanet.config import build_model, load_config
 from emanet.deploy.export import export_model, read_deploy_config, resize_bilinear_by_matmul
-from emanet.deploy.predictor import ExportedSegmenter, inference_config
+from emanet.deploy.predictor import inference_config, load_exported
 from emanet.models.emanet import resize_bilinear
 
 NUM_CLASSES = 5
@@ -87,7 +87,7 @@ def test_labels_equal_dygraph_with_onednn_at_two_sizes(exported, images):
     model, save_dir = exported
     deploy = read_deploy_config(save_dir)
     assert inference_config(deploy['model'], deploy['params']).mkldnn_enabled()  # the default config
-    predictor = ExportedSegmenter(save_dir)
+    predictor = load_exported(save_dir)
     for image in images:
         label = predictor.predict(image)
         assert label.shape == image.shape[:2] and label.dtype == np.int32
@@ -104,14 +104,14 @@ def test_deploy_yaml_round_trip(exported):
     assert deploy['output_op'] == 'argmax' and deploy['output_dtype'] == 'int32'
     assert deploy['num_classes'] == NUM_CLASSES
     assert deploy['input_shape'] == [None, 3, None, None]
-    (normalize,) = ExportedSegmenter(save_dir).transforms.transforms
+    (normalize,) = load_exported(save_dir).transforms.transforms
     assert isinstance(normalize, Normalize) and list(normalize.mean) == [0.5, 0.5, 0.5]
 
 
 @pytest.mark.skipif(not core.supports_bfloat16(), reason="this CPU has no AVX-512, so oneDNN has no bf16 kernels")
 def test_bf16_agrees_with_fp32(exported, images):
     _, save_dir = exported
-    fp32, bf16 = ExportedSegmenter(save_dir), ExportedSegmenter(save_dir, precision='bf16')
+    fp32, bf16 = load_exported(save_dir), load_exported(save_dir, precision='bf16')
     for image in images:
         assert (bf16.predict(image) == fp32.predict(image)).mean() >= 0.99
 
@@ -120,7 +120,7 @@ def test_bf16_agrees_with_fp32(exported, images):
 def test_score_outputs_give_the_same_labels(output_op, tmp_path, images):
     model = tiny_emanet()
     export_model(model, str(tmp_path), TRANSFORMS, output_op=output_op)
-    predictor = ExportedSegmenter(str(tmp_path))
+    predictor = load_exported(str(tmp_path))
     image = images[1]
     scores = predictor.run(predictor.preprocess(image)[0][None])
     assert scores.shape == (1, NUM_CLASSES) + image.shape[:2]
@@ -132,10 +132,10 @@ def test_score_outputs_give_the_same_labels(output_op, tmp_path, images):
 def test_impossible_device_or_precision_is_one_clear_error(exported):
     _, save_dir = exported
     with pytest.raises(ValueError, match='fp16 runs on GPU only'):
-        ExportedSegmenter(save_dir, precision='fp16')
+        load_exported(save_dir, precision='fp16')
     if not paddle.is_compiled_with_cuda():
         with pytest.raises(RuntimeError, match='needs PaddlePaddle built with CUDA'):
-            ExportedSegmenter(save_dir, device='gpu')
+            load_exported(save_dir, device='gpu')
 
 
 def run_tool(name, *args, cwd):
@@ -157,7 +157,7 @@ def test_export_and_infer_tools_end_to_end(tiny_config, tiny_dataset, tmp_path, 
                       '--image_path', tiny_dataset / 'val.txt', '--save_dir', tmp_path / 'out', cwd=tmp_path)
     assert 'Predicted 2 images' in result.stdout
 
-    predictor = ExportedSegmenter(str(tmp_path / 'inference'))
+    predictor = load_exported(str(tmp_path / 'inference'))
     for name in ('8', '9'):
         mask = np.array(Image.open(tmp_path / 'out' / 'pseudo_color_prediction' / f'{name}.png'))
         np.testing.assert_array_equal(mask, dygraph_label(model, predictor, str(tiny_dataset / f'{name}.jpg')))

@@ -79,4 +79,4 @@ def test_the_float32_list_names_the_operators_the_em_unit_is_made_of():
     program = static.forward.concrete_program.main_program
     names = {op.name().split('.', 1)[1] for op in program.global_block().ops if op.name().startswith('pd_op.')}
     assert FLOAT32_OPS <= names  # each name is one the unit uses, spelt as the mixed-precision pass reads it
-    assert {'bmm', 'softmax', 'p_norm'} <= FLOAT32_OPS
+    assert {'matmul', 'softmax', 'p_norm'} <= FLOAT32_OPS

@@ -100,7 +100,7 @@ def test_em_runs_in_float32_for_bf16_input(scale):
     unit = make_unit(32, 16, 3)
     unit.eval()
     x = (paddle.randn([2, 32, 8, 8]) * scale).astype('bfloat16')
-    # On CPU auto_cast is a no-op; on GPU it would otherwise run the bmm in bf16.
+    # On CPU auto_cast is a no-op; on GPU it would otherwise run the products in bf16.
     with paddle.amp.auto_cast(dtype='bfloat16', level='O2'):
         out = unit(x)
     assert out.dtype == paddle.bfloat16

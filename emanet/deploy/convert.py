@@ -1,0 +1,127 @@
+"""Exports for every runtime, each checked against the dygraph model before it is handed out.
+
+- 'paddle': Paddle's static graph (``export_model``), for Paddle Inference on CPU and GPU;
+- 'onnx': the same graph through paddle2onnx, for ONNX Runtime (and OpenVINO);
+- 'openvino': the ONNX model as OpenVINO IR, in fp32 or int8 (NNCF post-training quantization
+  calibrated on images of the training set).
+
+``export_checked`` runs the export and the dygraph model on the same images and refuses to
+finish (removing what it wrote) when their labels agree less than the precision allows: a
+conversion bug (paddle2onnx has misread float attributes such as BatchNorm's epsilon) never
+reaches a user.
+"""
+import os
+import shutil
+import tempfile
+
+import paddle
+
+from emanet.deploy.export import export_model, read_deploy_config, write_deploy_config
+from emanet.deploy.predictor import load_exported
+from emanet.deploy.runtimes import require
+from emanet.logger import logger
+from emanet.segmenter import build_transforms, read_image
+
+FORMATS = ('paddle', 'onnx', 'openvino')
+ONNX_OPSET = 17
+# The least share of pixels whose labels must equal the dygraph model's, by quantization.
+MIN_AGREEMENT = {'fp32': 0.9999, 'int8': 0.95}
+
+
+class ExportCheckError(RuntimeError):
+    """An export's labels differ from the dygraph model's; the message gives the share."""
+
+
+def to_onnx(paddle_dir, save_dir):
+    """Convert the Paddle export in ``paddle_dir`` to save_dir/model.onnx (+ deploy.yaml)."""
+    deploy = read_deploy_config(paddle_dir)
+    paddle2onnx = require('paddle2onnx', 'ONNX export')
+    require('onnx_graphsurgeon', 'ONNX constant folding')  # else polygraphy would pip-install it
+    os.makedirs(save_dir, exist_ok=True)
+    path = os.path.join(save_dir, 'model.onnx')
+    paddle2onnx.export(deploy['model'], deploy['params'], save_file=path, opset_version=ONNX_OPSET,
+                       enable_onnx_checker=True, optimize_tool='polygraphy')
+    if not os.path.isfile(path):  # paddle2onnx logs its errors instead of raising them
+        raise RuntimeError(f"paddle2onnx could not convert {deploy['model']} (see the log above)")
+    return _write_deploy(save_dir, deploy, format='onnx', model='model.onnx', params=None)
+
+
+def to_openvino(onnx_dir, save_dir, calibration=None):
+    """Convert the ONNX export in ``onnx_dir`` to OpenVINO IR (model.xml, model.bin) in ``save_dir``;
+    with ``calibration`` (preprocessed images [3, h, w]), quantize it to int8 with NNCF."""
+    deploy = read_deploy_config(onnx_dir)
+    ov = require('openvino', 'OpenVINO export')
+    model = ov.convert_model(deploy['model'])
+    quantization = 'fp32'
+    if calibration is not None:
+        nncf = require('nncf', 'int8 quantization')
+        model = nncf.quantize(model, nncf.Dataset([image[None] for image in calibration]),
+                              subset_size=len(calibration))
+        quantization = 'int8'
+    os.makedirs(save_dir, exist_ok=True)
+    ov.save_model(model, os.path.join(save_dir, 'model.xml'), compress_to_fp16=False)
+    return _write_deploy(save_dir, deploy, format='openvino', model='model.xml', params='model.bin',
+                         quantization=quantization)
+
+
+def _write_deploy(save_dir, deploy, **changes):
+    """deploy.yaml in ``save_dir``: ``deploy`` (as read, with absolute paths) with ``changes``."""
+    fields = {key: value for key, value in deploy.items() if key not in ('model', 'params')}
+    fields.update(changes)
+    return write_deploy_config(save_dir, {key: value for key, value in fields.items() if value is not None})
+
+
+def preprocessed_images(paths, transforms_cfg):
+    """Images [3, h, w] float32 prepared by the deploy transforms, one per path."""
+    transforms = build_transforms(transforms_cfg)
+    return [transforms({'img': read_image(path).astype('float32'), 'trans_info': [], 'gt_fields': []})['img']
+            for path in paths]
+
+
+def label_agreement(exported, model, images):
+    """Share of pixels where ``exported`` and the dygraph ``model`` give the same label."""
+    model.eval()
+    equal = total = 0
+    for image in images:
+        with paddle.no_grad():
+            expected = paddle.argmax(model(paddle.to_tensor(image[None]))[0], axis=1).numpy()
+        labels = exported.labels(image[None], [])
+        equal += int((labels == expected).sum())
+        total += labels.size
+    return equal / total
+
+
+def export_checked(model, save_dir, transforms_cfg, check_images, export_format='paddle', input_shape=None,
+                   output_op='argmax', calibration=None, min_agreement=None):
+    """Export ``model`` as ``export_format`` into ``save_dir``, then check it against the dygraph model.
+
+    Args:
+        check_images: preprocessed images [3, h, w] that both models label.
+        calibration: preprocessed images for int8 quantization (OpenVINO only); None keeps fp32.
+        min_agreement: the least share of equal labels (default: 99.99% fp32, 95% int8).
+    Returns:
+        (path of deploy.yaml, share of labels equal to the dygraph model's).
+    """
+    if export_format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got '{export_format}'")
+    if calibration is not None and export_format != 'openvino':
+        raise ValueError("int8 quantization is made for OpenVINO: use --format openvino")
+    quantization = 'int8' if calibration is not None else 'fp32'
+    min_agreement = MIN_AGREEMENT[quantization] if min_agreement is None else min_agreement
+    with tempfile.TemporaryDirectory(prefix='emanet_export_') as work:
+        paddle_dir = save_dir if export_format == 'paddle' else os.path.join(work, 'paddle')
+        path = export_model(model, paddle_dir, transforms_cfg, input_shape=input_shape, output_op=output_op)
+        if export_format != 'paddle':
+            onnx_dir = save_dir if export_format == 'onnx' else os.path.join(work, 'onnx')
+            path = to_onnx(paddle_dir, onnx_dir)
+            if export_format == 'openvino':
+                path = to_openvino(onnx_dir, save_dir, calibration)
+    agreement = label_agreement(load_exported(save_dir), model, check_images)
+    if agreement < min_agreement:
+        shutil.rmtree(save_dir, ignore_errors=True)
+        raise ExportCheckError(f"the {export_format} {quantization} export labels {agreement:.4%} of the pixels as "
+                               f"the dygraph model does on {len(check_images)} images, below {min_agreement:.2%}; "
+                               "it was removed")
+    logger.info("Checked the %s %s export against the dygraph model: %.4f%% of the labels equal on %d images",
+                export_format, quantization, agreement * 100, len(check_images))
+    return path, agreement

@@ -1,0 +1,91 @@
+"""ONNX Runtime and OpenVINO behind the Segmenter interface, for the ONNX and OpenVINO exports.
+
+Both are optional (``pip install -r requirements-deploy.txt``); they run on CPU. Paddle Inference
+(``emanet.deploy.predictor``) stays the runtime for GPUs.
+"""
+import os
+
+from emanet.deploy.predictor import ExportedSegmenter
+from emanet.runtime import parse_device
+
+DEPLOY_EXTRA = 'pip install -r requirements-deploy.txt'
+
+
+def require(module, purpose):
+    """Import an optional deploy dependency, or one clear error saying how to install it."""
+    try:
+        return __import__(module)
+    except ImportError:
+        raise RuntimeError(f"{purpose} needs the '{module}' package: {DEPLOY_EXTRA}") from None
+
+
+def _cpu_only(device, backend):
+    if parse_device(device)[0] != 'cpu':
+        raise ValueError(f"{backend} runs here on CPU only; on a GPU use --backend paddle with a Paddle export")
+
+
+def cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('flags'):
+                    return set(line.split(':', 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def has_fast_bf16(flags=None):
+    """Whether the CPU computes in bf16 natively (AVX-512 bf16 or AMX)."""
+    flags = cpu_flags() if flags is None else flags
+    return bool({'avx512_bf16', 'amx_bf16'} & flags)
+
+
+class OnnxRuntimeSegmenter(ExportedSegmenter):
+    """An ONNX export in ONNX Runtime (CPU, float32)."""
+
+    backend = 'onnxruntime'
+
+    def __init__(self, deploy_path, device='cpu', precision='fp32', cpu_threads=None):
+        super().__init__(deploy_path)
+        _cpu_only(device, self.backend)
+        if precision != 'fp32':
+            raise ValueError(f"ONNX Runtime runs this model in fp32 only, got --precision {precision}; "
+                             "for bf16 or int8 use --backend openvino")
+        ort = require('onnxruntime', 'ONNX Runtime inference')
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = cpu_threads or os.cpu_count()
+        self.session = ort.InferenceSession(self.deploy['model'], options, providers=['CPUExecutionProvider'])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def infer(self, batch):
+        return self.session.run(None, {self.input_name: batch})[0]
+
+
+class OpenVINOSegmenter(ExportedSegmenter):
+    """An OpenVINO (or ONNX) export in OpenVINO on CPU: fp32, or bf16 where the CPU has it.
+
+    The precision is asked for explicitly: on a CPU with bf16, OpenVINO would otherwise compute an
+    fp32 model in bf16. An int8 export runs its quantized operations in int8 either way.
+    """
+
+    backend = 'openvino'
+    PRECISION_HINTS = {'fp32': 'f32', 'bf16': 'bf16'}
+
+    def __init__(self, deploy_path, device='cpu', precision='fp32', cpu_threads=None):
+        super().__init__(deploy_path)
+        _cpu_only(device, self.backend)
+        if precision not in self.PRECISION_HINTS:
+            raise ValueError(f"OpenVINO runs fp32 or bf16 (an int8 export is int8 either way), got '{precision}'")
+        if precision == 'bf16' and not has_fast_bf16():
+            raise ValueError("bf16 needs a CPU with AVX-512 bf16 or AMX; this one has neither, use fp32")
+        ov = require('openvino', 'OpenVINO inference')
+        config = {'INFERENCE_PRECISION_HINT': self.PRECISION_HINTS[precision]}
+        if cpu_threads:
+            config['INFERENCE_NUM_THREADS'] = int(cpu_threads)
+        self.compiled = ov.Core().compile_model(self.deploy['model'], 'CPU', config)
+        self.output_port = self.compiled.output(0)
+
+    def infer(self, batch):
+        return self.compiled([batch])[self.output_port]

@@ -1,0 +1,102 @@
+"""Every export format in every runtime: labels equal the dygraph model's, int8 close to them, and a
+corrupted conversion is refused by the export's own check."""
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+from emanet.deploy import convert
+from emanet.deploy.convert import ExportCheckError, export_checked, preprocessed_images
+from emanet.deploy.predictor import load_exported
+from emanet.deploy.runtimes import OnnxRuntimeSegmenter, OpenVINOSegmenter, has_fast_bf16
+
+from deploy.test_export import TRANSFORMS, assert_labels_vary, dygraph_label, tiny_emanet
+
+SIZES = [(64, 96), (80, 48), (64, 96), (48, 64)]
+
+
+@pytest.fixture(scope='module')
+def images():
+    rng = np.random.RandomState(1)
+    return [rng.randint(0, 256, (height, width, 3)).astype(np.uint8) for height, width in SIZES]
+
+
+@pytest.fixture(scope='module')
+def model():
+    return tiny_emanet()
+
+
+@pytest.fixture(scope='module')
+def exports(model, images, tmp_path_factory):
+    """The tiny model exported (and checked) as onnx, openvino fp32 and openvino int8."""
+    check = preprocessed_images(images, TRANSFORMS)
+    folders = {}
+    for name, export_format, calibration in (('onnx', 'onnx', None), ('openvino', 'openvino', None),
+                                             ('openvino_int8', 'openvino', check)):
+        folders[name] = str(tmp_path_factory.mktemp(name))
+        _, agreement = export_checked(model, folders[name], TRANSFORMS, check, export_format=export_format,
+                                      calibration=calibration, min_agreement=0.9 if calibration else None)
+        folders[name + '_agreement'] = agreement
+    return folders
+
+
+@pytest.mark.parametrize('folder, backend, runtime', [('onnx', None, OnnxRuntimeSegmenter),
+                                                      ('onnx', 'openvino', OpenVINOSegmenter),
+                                                      ('openvino', None, OpenVINOSegmenter)])
+def test_fp32_exports_label_every_image_as_the_dygraph_model(exports, model, images, folder, backend, runtime):
+    segmenter = load_exported(exports[folder], backend=backend)
+    assert type(segmenter) is runtime
+    for image in images:
+        label = segmenter.predict(image)
+        assert label.shape == image.shape[:2] and label.dtype == np.int32
+        assert_labels_vary(label)
+        np.testing.assert_array_equal(label, dygraph_label(model, segmenter, image))
+    assert exports[folder + '_agreement'] == 1.0  # what the export's own check measured
+
+
+def test_int8_agrees_with_the_dygraph_model_on_most_pixels(exports, model, images):
+    segmenter = load_exported(exports['openvino_int8'])
+    assert segmenter.deploy['quantization'] == 'int8'
+    equal = sum(int((segmenter.predict(image) == dygraph_label(model, segmenter, image)).sum()) for image in images)
+    assert equal / sum(image.shape[0] * image.shape[1] for image in images) == exports['openvino_int8_agreement']
+    assert exports['openvino_int8_agreement'] >= 0.9
+
+
+@pytest.mark.skipif(not has_fast_bf16(), reason='the CPU has no bf16')
+def test_openvino_bf16_stays_close_to_fp32(exports, images):
+    fp32, bf16 = load_exported(exports['openvino']), load_exported(exports['openvino'], precision='bf16')
+    assert np.mean([np.mean(bf16.predict(image) == fp32.predict(image)) for image in images]) >= 0.95
+
+
+def test_a_runtime_that_cannot_read_a_format_is_one_clear_error(exports):
+    with pytest.raises(ValueError, match='holds a openvino model, which onnxruntime does not run'):
+        load_exported(exports['openvino'], backend='onnxruntime')
+    with pytest.raises(ValueError, match='ONNX Runtime runs this model in fp32 only'):
+        load_exported(exports['onnx'], precision='bf16')
+
+
+def test_a_corrupted_conversion_is_refused_and_removed(model, images, tmp_path, monkeypatch):
+    real_to_onnx = convert.to_onnx
+
+    def to_onnx_misreading_epsilon(paddle_dir, save_dir):
+        """As paddle2onnx's bug reads PIR float attributes: every BatchNorm epsilon wrong."""
+        path = real_to_onnx(paddle_dir, save_dir)
+        onnx_path = os.path.join(save_dir, 'model.onnx')
+        graph = onnx.load(onnx_path)
+        changed = 0
+        for node in graph.graph.node:
+            for attribute in node.attribute:
+                if node.op_type == 'BatchNormalization' and attribute.name == 'epsilon':
+                    attribute.f = 10.0
+                    changed += 1
+        assert changed > 0
+        onnx.save(graph, onnx_path)
+        return path
+
+    monkeypatch.setattr(convert, 'to_onnx', to_onnx_misreading_epsilon)
+    save_dir = tmp_path / 'onnx'
+    with pytest.raises(ExportCheckError, match=r'the onnx fp32 export labels \d+\.\d+% of the pixels'):
+        export_checked(model, str(save_dir), TRANSFORMS, preprocessed_images(images, TRANSFORMS),
+                       export_format='onnx')
+    assert not save_dir.exists()
