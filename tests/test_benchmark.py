@@ -33,7 +33,7 @@ def test_benchmark_tool_reports_every_variant(tmp_path):
     results = json.loads(out.read_text())
 
     measured = ['eval_ours', 'eval_paddleseg', 'eval_paddleseg_tuned', 'infer_fp32', 'eval_ours_flip',
-                'eval_ours_msflip', 'train_ours',
+                'eval_ours_msflip', 'train_ours', 'infer_onnxruntime_fp32', 'infer_openvino_fp32', 'infer_openvino_int8',
                 'train_paddleseg', 'train_paddleseg_default_threads', 'train_paddleseg_tuned', 'em_unit', 'non_local']
     if core.supports_bfloat16():
         measured.append('infer_bf16')
@@ -56,7 +56,8 @@ def test_benchmark_tool_reports_every_variant(tmp_path):
 
     # The same weights: PaddleSeg's model and the exported one label the image as ours does.
     assert results['labels']['eval_paddleseg_vs_eval_ours_pct'] > 99.9
-    assert results['labels']['infer_fp32_vs_eval_ours_pct'] > 99.9
+    for name in ('infer_fp32', 'infer_onnxruntime_fp32', 'infer_openvino_fp32'):
+        assert results['labels'][f'{name}_vs_eval_ours_pct'] > 99.9, name
     if core.supports_bfloat16():
         assert 90 <= results['labels']['infer_bf16_vs_eval_ours_pct'] <= 100
     median = {name: results['variants'][name]['median_s'] for name in measured}
@@ -114,7 +115,10 @@ def test_quickstart_rows_score_the_exported_model_as_the_dygraph_model_scores(ti
     bf16 = core.supports_bfloat16()
     result = evaluate_quickstart(config, str(tmp_path / 'model.pdparams'), str(tmp_path), bf16=bf16)
     dygraph = evaluate(ModelSegmenter(model), Builder(cfg).val_dataset)
+    paths = result['paths']
     assert result['num_images'] == 2
-    assert result['miou_fp32'] == dygraph['miou']
+    for name in ('infer_fp32', 'infer_onnxruntime_fp32', 'infer_openvino_fp32'):
+        assert (paths[name]['miou'], paths[name]['agreement_pct']) == (dygraph['miou'], 100.0), name
+    assert 0 <= paths['infer_openvino_int8']['agreement_pct'] <= 100  # reported, for any model
     if bf16:
-        assert 95 <= result['agreement_pct'] <= 100
+        assert 95 <= paths['infer_bf16']['agreement_pct'] <= 100

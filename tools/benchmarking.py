@@ -41,8 +41,10 @@ from paddleseg.models import layers
 
 from emanet.checkpoint import load_weights, save_state
 from emanet.config import Builder, ConfigError, build_model, closest, load_config
+from emanet.deploy.convert import preprocessed_images, to_onnx, to_openvino
 from emanet.deploy.export import export_model, export_stage
 from emanet.deploy.predictor import load_exported
+from emanet.deploy.runtimes import has_fast_bf16
 from emanet.engine.evaluate import evaluate
 from emanet.engine.inference import infer_logits
 from emanet.models.losses import CrossEntropyLoss
@@ -53,7 +55,9 @@ from emanet.runtime import (MKL_AVX2_CPU_TYPE, MKL_CPU_TYPE_VARIABLE, cpu_vendor
 from emanet.segmenter import InferenceOptions, Segmenter
 
 # Parts a user can leave out with --skip.
-PARTS = ('macs', 'paddleseg', 'inference', 'bf16', 'flip', 'msflip', 'train', 'em_unit')
+PARTS = ('macs', 'paddleseg', 'inference', 'bf16', 'runtimes', 'flip', 'msflip', 'train', 'em_unit')
+# Random images the int8 export is calibrated on (latency does not depend on what they show).
+CALIBRATION_IMAGES = 8
 # The published multi-scale + flip evaluation.
 MULTI_SCALES = (0.75, 1.0, 1.25)
 # EM unit and non-local block are compared on a feature map [1, 512, H, W]; by default
@@ -72,8 +76,12 @@ ROWS = {
     'eval_paddleseg': "(b) PaddleSeg 2.8.0, dygraph eval, Paddle's defaults (allocator, MKL's path)",
     'eval_paddleseg_fast_mkl': "(b) with MKL's AVX2 path forced (MKL_DEBUG_CPU_TYPE=5)",
     'eval_paddleseg_tuned': "(b') PaddleSeg 2.8.0 model, dygraph eval, emanet's runtime",
-    'infer_fp32': '(c) ours, exported, inference fp32',
-    'infer_bf16': '(d) ours, exported, inference bf16',
+    'infer_fp32': '(c) ours, exported, Paddle Inference oneDNN fp32',
+    'infer_bf16': '(d) ours, exported, Paddle Inference oneDNN bf16',
+    'infer_onnxruntime_fp32': '(e) ours, ONNX, ONNX Runtime fp32',
+    'infer_openvino_fp32': '(f) ours, OpenVINO fp32',
+    'infer_openvino_bf16': '(g) ours, OpenVINO bf16',
+    'infer_openvino_int8': '(h) ours, OpenVINO int8 (NNCF post-training quantization)',
     'eval_ours_flip': 'ours, dygraph eval + horizontal flip',
     'eval_ours_msflip': 'ours, dygraph eval, scales 0.75/1.0/1.25 + flip',
     'train_ours': '(a) ours, train step',
@@ -296,9 +304,9 @@ def measure_eval(spec):
 
 
 def measure_inference(spec):
-    """An exported model through Paddle Inference (oneDNN on CPU) in spec['precision']."""
-    predictor = load_exported(spec['deploy_dir'], device=spec['device'], precision=spec['precision'],
-                              cpu_threads=spec['threads'])
+    """An exported model (spec['export']) in its runtime (spec['backend']) and spec['precision']."""
+    predictor = load_exported(spec['exports'][spec['export']], backend=spec['backend'], device=spec['device'],
+                              precision=spec['precision'], cpu_threads=spec['threads'])
     images = random_images(spec['input_shape'], spec['seed'])
     result, labels = time_calls(lambda: predictor.run(images), spec['runs'], spec['warmup'], spec['device'])
     np.save(spec['labels_path'], labels.astype('int32'))
@@ -405,6 +413,21 @@ def run_in_subprocess(spec, work_dir):
 
 # --- the whole benchmark -------------------------------------------------------------------------
 
+def fp32_gemm_gflops(threads, size=2048, repeats=3):
+    """The fp32 rate of a large matrix product (Paddle's MKL on ``threads`` threads): a practical peak."""
+    set_cpu_threads(threads)
+    a = paddle.rand([size, size])
+    paddle.matmul(a, a).numpy()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        paddle.matmul(a, a).numpy()
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+# How many times the fp32 rate a precision's multiply-adds can run at, where the CPU has the instructions.
+PRECISION_SPEEDUP = {'bf16': ('avx512_bf16', 2), 'int8': ('vnni', 4)}
+
+
 def machine_info(device, threads=None):
     """CPU model, cores, threads (None: one per core), versions, and whether the CPU has AMX and oneDNN bf16."""
     model_name, flags = platform.processor() or 'unknown', set()
@@ -419,6 +442,7 @@ def machine_info(device, threads=None):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     info = {
         'cpu': model_name,
+        'fp32_gemm_gflops': fp32_gemm_gflops(threads or len(os.sched_getaffinity(0))) if device == 'cpu' else None,
         'cores': cores,
         'threads': threads or cores,
         'device': device,
@@ -450,12 +474,26 @@ def plan_jobs(skip, device, threads, bf16_supported):
                          'runtime': 'paddle', 'fast_mkl': True})
         jobs.append({'name': 'eval_paddleseg_tuned', 'kind': 'eval', 'implementation': 'paddleseg'})
     if 'inference' not in skip:
-        jobs.append({'name': 'infer_fp32', 'kind': 'inference', 'precision': 'fp32'})
+        jobs.append({'name': 'infer_fp32', 'kind': 'inference', 'export': 'paddle', 'backend': 'paddle',
+                     'precision': 'fp32'})
         if 'bf16' not in skip and device == 'cpu' and bf16_supported:
-            jobs.append({'name': 'infer_bf16', 'kind': 'inference', 'precision': 'bf16'})
+            jobs.append({'name': 'infer_bf16', 'kind': 'inference', 'export': 'paddle', 'backend': 'paddle',
+                         'precision': 'bf16'})
         elif 'bf16' not in skip:
             unavailable['infer_bf16'] = ('not supported (oneDNN bf16 needs a CPU with AVX-512)' if device == 'cpu'
                                          else 'not supported on GPU (oneDNN bf16 is CPU-only)')
+    if 'runtimes' not in skip and device == 'cpu':
+        jobs.append({'name': 'infer_onnxruntime_fp32', 'kind': 'inference', 'export': 'onnx',
+                     'backend': 'onnxruntime', 'precision': 'fp32'})
+        jobs.append({'name': 'infer_openvino_fp32', 'kind': 'inference', 'export': 'openvino',
+                     'backend': 'openvino', 'precision': 'fp32'})
+        if has_fast_bf16():
+            jobs.append({'name': 'infer_openvino_bf16', 'kind': 'inference', 'export': 'openvino',
+                         'backend': 'openvino', 'precision': 'bf16'})
+        else:
+            unavailable['infer_openvino_bf16'] = 'not fast here (the CPU has neither AVX-512 bf16 nor AMX)'
+        jobs.append({'name': 'infer_openvino_int8', 'kind': 'inference', 'export': 'openvino_int8',
+                     'backend': 'openvino', 'precision': 'fp32'})
     if 'train' not in skip:
         jobs.append({'name': 'train_ours', 'kind': 'train', 'implementation': 'ours'})
         if 'paddleseg' not in skip:
@@ -485,26 +523,59 @@ class _RecordingSegmenter(Segmenter):
         return labels
 
 
-def evaluate_quickstart(config_path, weights, work_dir, device='cpu', threads=None, bf16=True):
-    """Export a trained quick-start model; fp32 vs bf16 exported labels and mIoU over its val set."""
+def _convert_for_runtimes(paddle_dir, work_dir, input_shape, seed):
+    """The Paddle export as ONNX, OpenVINO fp32 and OpenVINO int8 (calibrated on random images)."""
+    exports = {name: os.path.join(work_dir, name) for name in ('onnx', 'openvino', 'openvino_int8')}
+    to_onnx(paddle_dir, exports['onnx'])
+    to_openvino(exports['onnx'], exports['openvino'])
+    calibration = [random_images(input_shape[1:], seed + index) for index in range(CALIBRATION_IMAGES)]
+    to_openvino(exports['onnx'], exports['openvino_int8'], calibration)
+    return exports
+
+
+# The quick-start checks: (row, export, backend, precision); the first is the reference.
+QUICKSTART_PATHS = (('infer_fp32', 'paddle', 'paddle', 'fp32'), ('infer_bf16', 'paddle', 'paddle', 'bf16'),
+                    ('infer_onnxruntime_fp32', 'onnx', 'onnxruntime', 'fp32'),
+                    ('infer_openvino_fp32', 'openvino', 'openvino', 'fp32'),
+                    ('infer_openvino_bf16', 'openvino', 'openvino', 'bf16'),
+                    ('infer_openvino_int8', 'openvino_int8', 'openvino', 'fp32'))
+QUICKSTART_CALIBRATION_IMAGES = 32
+
+
+def evaluate_quickstart(config_path, weights, work_dir, device='cpu', threads=None, bf16=True, runtimes=True):
+    """Export a trained quick-start model for every runtime (int8 calibrated on its training images);
+    each path's mIoU over the val set and its labels' agreement with Paddle Inference fp32."""
     cfg = load_config(config_path)
     with export_stage():
         model = build_model(cfg, weights=weights)
-    deploy_dir = os.path.join(work_dir, 'quickstart_export')
-    export_model(model, deploy_dir, cfg.val_dataset_cfg.get('transforms') or [], output_op='argmax')
+    transforms = cfg.val_dataset_cfg.get('transforms') or []
+    exports = {'paddle': os.path.join(work_dir, 'quickstart_export')}
+    export_model(model, exports['paddle'], transforms, output_op='argmax')
+    if runtimes:
+        builder = Builder(cfg)
+        step = max(1, len(builder.train_dataset.file_list) // QUICKSTART_CALIBRATION_IMAGES)
+        calibration = preprocessed_images([files[0] for files in builder.train_dataset.file_list[::step]
+                                           ][:QUICKSTART_CALIBRATION_IMAGES], transforms)
+        exports.update({name: os.path.join(work_dir, f'quickstart_{name}')
+                        for name in ('onnx', 'openvino', 'openvino_int8')})
+        to_onnx(exports['paddle'], exports['onnx'])
+        to_openvino(exports['onnx'], exports['openvino'])
+        to_openvino(exports['onnx'], exports['openvino_int8'], calibration)
     dataset = Builder(cfg).val_dataset
-    precisions = ['fp32', 'bf16'] if bf16 else ['fp32']
-    result = {'config': config_path, 'weights': weights, 'num_images': len(dataset)}
-    recorded = {}
-    for precision in precisions:
-        recorded[precision] = _RecordingSegmenter(
-            load_exported(deploy_dir, device=device, precision=precision, cpu_threads=threads))
-        result[f'miou_{precision}'] = evaluate(recorded[precision], dataset)['miou']
-    if bf16:
-        pairs = list(zip(recorded['fp32'].outputs, recorded['bf16'].outputs))
-        result['agreement_pct'] = (sum(int((a == b).sum()) for a, b in pairs)
-                                   / sum(a.size for a, _ in pairs) * 100)
-        result['miou_difference_points'] = abs(result['miou_fp32'] - result['miou_bf16']) * 100
+    result = {'config': config_path, 'weights': weights, 'num_images': len(dataset), 'paths': {}}
+    reference = None
+    for name, export, backend, precision in QUICKSTART_PATHS:
+        if export not in exports or (precision == 'bf16' and not bf16) or (backend == 'openvino' and precision == 'bf16'
+                                                                            and not has_fast_bf16()):
+            continue
+        recorded = _RecordingSegmenter(load_exported(exports[export], backend=backend, device=device,
+                                                     precision=precision, cpu_threads=threads))
+        path = {'miou': evaluate(recorded, dataset)['miou']}
+        if reference is None:
+            reference = recorded
+        pairs = list(zip(reference.outputs, recorded.outputs))
+        path['agreement_pct'] = sum(int((a == b).sum()) for a, b in pairs) / sum(a.size for a, _ in pairs) * 100
+        result['paths'][name] = path
     return result
 
 
@@ -552,16 +623,18 @@ def run_benchmark(model_spec, input_size=(1024, 512), train_size=(512, 256), tra
             results['macs'] = count_macs(model, eval_shape)
             logger.info("[BENCH] %.1f M parameters, %.1f GMAC at %s", results['macs']['params'] / 1e6,
                         results['macs']['total_macs'] / 1e9, 'x'.join(map(str, eval_shape)))
-        deploy_dir = os.path.join(work_dir, 'export')
-        if 'inference' not in skip:
-            export_model(model, deploy_dir, transforms or [{'type': 'Normalize'}], output_op='argmax')
+        exports = {'paddle': os.path.join(work_dir, 'export')}
+        if 'inference' not in skip or 'runtimes' not in skip:
+            export_model(model, exports['paddle'], transforms or [{'type': 'Normalize'}], output_op='argmax')
+        if 'runtimes' not in skip and device == 'cpu':
+            exports.update(_convert_for_runtimes(exports['paddle'], work_dir, eval_shape, seed))
         attention = {'num_bases': model.head.emau.num_bases, 'stage_num': model.head.emau.stage_num,
                      'inter_channels': NON_LOCAL_INTER_CHANNELS}
         del model
 
         jobs, unavailable = plan_jobs(skip, device, threads, machine['bf16_supported'])
         base = {'device': device, 'threads': threads, 'runs': runs, 'warmup': warmup, 'seed': seed,
-                'model': model_spec, 'weights': weights, 'deploy_dir': deploy_dir}
+                'model': model_spec, 'weights': weights, 'exports': exports}
         shapes = {'eval': eval_shape, 'inference': eval_shape,
                   'train': [train_batch, 3, train_height, train_width], 'attention': attention_shape}
         measured = {}
@@ -585,7 +658,7 @@ def run_benchmark(model_spec, input_size=(1024, 512), train_size=(512, 256), tra
         if quickstart_model:
             results['quickstart'] = evaluate_quickstart(
                 quickstart_config, quickstart_model, work_dir, device=device, threads=threads,
-                bf16=any(job['name'] == 'infer_bf16' for job in jobs))
+                bf16=any(job['name'] == 'infer_bf16' for job in jobs), runtimes='runtimes' not in skip)
     results['ratios'] = _ratios(results['variants'])
     results['attention'] = attention
     num_pixels = attention_size[0] * attention_size[1]
@@ -707,6 +780,32 @@ def format_report(results):
     return '\n'.join(lines)
 
 
+def _peak_shares(results):
+    """Each exported path's multiply-add rate, as a share of what this CPU's cores can do in its precision."""
+    machine, macs = results['machine'], results.get('macs')
+    if not macs or not machine.get('fp32_gemm_gflops'):
+        return []
+    shares = []
+    for name, variant in results['variants'].items():
+        if not name.startswith('infer_') or 'median_s' not in variant:
+            continue
+        precision = name.rsplit('_', 1)[1]
+        flag, factor = PRECISION_SPEEDUP.get(precision, (None, 1))
+        peak = machine['fp32_gemm_gflops'] / 2 * (factor if flag is None or machine.get(flag) else 1)  # GMAC/s
+        rate = macs['total_macs'] / variant['median_s'] / 1e9
+        shares.append(f"{ROWS[name].split(', ', 1)[1]} {rate:.0f} GMAC/s ({rate / peak:.0%})")
+    fastest = min((v['median_s'], name) for name, v in results['variants'].items()
+                  if name.startswith('infer_') and 'median_s' in v)
+    lines = [f"Exported paths' rate of multiply-adds, as a share of this CPU's peak in their precision (fp32: a "
+             f"{machine['fp32_gemm_gflops'] / 2:.0f} GMAC/s matrix product; bf16 x2 with AVX-512 bf16, int8 x4 with "
+             "VNNI): " + ', '.join(shares) + '.']
+    for reference in ('eval_paddleseg', 'eval_paddleseg_fast_mkl'):
+        if 'median_s' in results['variants'].get(reference, {}):
+            lines.append(f"Fastest exported path, {ROWS[fastest[1]]}: {fastest[0]:.3f} s, "
+                         f"{_speedup(fastest[0], results['variants'][reference]['median_s'])} than {ROWS[reference]}.")
+    return lines
+
+
 def _findings(results):
     lines = []
     macs = results.get('macs')
@@ -738,14 +837,11 @@ def _findings(results):
                  if f'{name}_vs_eval_ours_pct' in labels]
     if agreement:
         lines.append("Labels agreeing with (a) on a random input, random weights: " + ', '.join(agreement) + '.')
+    lines += _peak_shares(results)
     quickstart = results.get('quickstart')
     if quickstart:
-        if 'agreement_pct' in quickstart:
-            lines.append(f"Quick-start model ({quickstart['num_images']} val images), exported: fp32 vs bf16 labels "
-                         f"agree on {quickstart['agreement_pct']:.2f}% of pixels (target >= 99.5%); mIoU fp32 "
-                         f"{quickstart['miou_fp32']:.4f}, bf16 {quickstart['miou_bf16']:.4f} "
-                         f"({quickstart['miou_difference_points']:.2f} points apart, target <= 0.5).")
-        else:
-            lines.append(f"Quick-start model ({quickstart['num_images']} val images), exported: mIoU fp32 "
-                         f"{quickstart['miou_fp32']:.4f}; bf16 not supported here.")
+        lines.append(f"Quick-start model, {quickstart['num_images']} val images: mIoU and labels equal to "
+                     "Paddle Inference fp32's, per path: " + ', '.join(
+                         f"{ROWS[name].split(', ', 1)[1]} {path['miou']:.4f} ({path['agreement_pct']:.2f}%)"
+                         for name, path in quickstart['paths'].items()) + '.')
     return lines
