@@ -4,10 +4,14 @@ Training order and augmentation are functions of (seed, iteration) alone, so a r
 resumed from a checkpoint sees exactly the batches an uninterrupted run would have,
 whatever the number of loader workers.
 """
+import contextlib
 import random
+import signal
+import threading
 
 import numpy as np
 import paddle
+from paddle.io import multiprocess_utils as paddle_multiprocess
 from PIL import Image
 
 
@@ -101,6 +105,30 @@ def raise_if_error(images, second):
     """Raise the SampleError a loader worker packed into a batch (see ``_error_sample``)."""
     if _is_error(images):
         raise SampleError(bytes(np.asarray(second).astype(np.uint8)).decode())
+
+
+@contextlib.contextmanager
+def batches(loader):
+    """Iterate ``loader`` (a paddle DataLoader) inside the block; when the block ends, also in an
+    exception, its reader thread and worker processes end and the process's SIGCHLD handling is
+    as it was before.
+
+    Paddle stops the workers only when the iterator is garbage-collected, and a traceback keeps
+    the iterator alive. And a loader with workers installs a Python SIGCHLD handler for the rest of
+    the process: every later child that exits (a ``subprocess.run``) then interrupts the system
+    calls of whatever thread receives the signal, which crashed the process once OpenVINO, ONNX
+    Runtime and Paddle Inference had run in it (a segmentation fault in the test suite).
+    """
+    restore_sigchld = threading.current_thread() is threading.main_thread()
+    sigchld_handler = signal.getsignal(signal.SIGCHLD) if restore_sigchld else None
+    iterator = iter(loader)
+    try:
+        yield iterator
+    finally:
+        iterator._try_shutdown_all()  # what the iterator's __del__ would do, now
+        if restore_sigchld and signal.getsignal(signal.SIGCHLD) is not sigchld_handler:
+            signal.signal(signal.SIGCHLD, sigchld_handler)
+            paddle_multiprocess._SIGCHLD_handler_set = False  # the next loader with workers sets it again
 
 
 def check_label_range(label, dataset, index):

@@ -18,7 +18,7 @@ import paddle.distributed as dist
 from emanet.checkpoint import (float32_state_dict, load_optimizer_state, load_weights,
                                optimizer_state_by_structure, read_state, save_state)
 from emanet.config import Builder
-from emanet.data.loading import ResumableBatchSampler, TrainSamples, collate_train, raise_if_error
+from emanet.data.loading import ResumableBatchSampler, TrainSamples, batches, collate_train, raise_if_error
 from emanet.engine.distributed import average_batch_norm_statistics
 from emanet.engine.evaluate import evaluate
 from emanet.engine.inference import ModelSegmenter
@@ -207,75 +207,76 @@ def train(cfg, save_dir='output', device='cpu', num_workers=0, do_eval=False, us
     model.train()
     window = {'loss': 0.0, 'batch': 0.0, 'reader': 0.0, 'n': 0}
     tic = time.time()
-    for iteration, (images, labels) in enumerate(loader, start=start_iter + 1):
-        reader_cost = time.time() - tic
-        raise_if_error(images, labels)
-        paddle.seed(seed + iteration)  # dropout masks depend on the iteration only, for exact resume
-        if autocast is not None:
-            with paddle.amp.auto_cast(**autocast):
+    with batches(loader) as loaded:
+        for iteration, (images, labels) in enumerate(loaded, start=start_iter + 1):
+            reader_cost = time.time() - tic
+            raise_if_error(images, labels)
+            paddle.seed(seed + iteration)  # dropout masks depend on the iteration only, for exact resume
+            if autocast is not None:
+                with paddle.amp.auto_cast(**autocast):
+                    logits = trained_model(images)
+            else:
                 logits = trained_model(images)
-        else:
-            logits = trained_model(images)
-        loss, _ = weighted_loss(losses, logits, labels)
-        loss_value = float(loss)
-        if not math.isfinite(loss_value):
-            raise TrainingDiverged(f"loss is {loss_value} at iteration {iteration}; stopped. The last "
-                                   f"good checkpoint is {find_latest_checkpoint(save_dir) or 'none'}")
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        optimizer.clear_grad()
-        lr = optimizer.get_lr()
-        lr_scheduler.step()
+            loss, _ = weighted_loss(losses, logits, labels)
+            loss_value = float(loss)
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(f"loss is {loss_value} at iteration {iteration}; stopped. The last "
+                                       f"good checkpoint is {find_latest_checkpoint(save_dir) or 'none'}")
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            optimizer.clear_grad()
+            lr = optimizer.get_lr()
+            lr_scheduler.step()
 
-        window['loss'] += loss_value
-        window['reader'] += reader_cost
-        window['batch'] += time.time() - tic
-        window['n'] += 1
-        # The run's first iteration is logged too, so its ETA comes before the first log_iters wait.
-        if (iteration % log_iters == 0 or iteration in (start_iter + 1, total_iters)) and rank == 0:
-            n = window['n']
-            batch_cost = window['batch'] / n
-            logger.info("[TRAIN] epoch: %d, iter: %d/%d, loss: %.4f, lr: %.6f, batch_cost: %.4f, "
-                        "reader_cost: %.5f, ips: %.4f samples/sec | ETA %s",
-                        sampler.epoch_of(iteration - 1) + 1, iteration, total_iters, window['loss'] / n,
-                        lr, batch_cost, window['reader'] / n, batch_size * world_size / batch_cost,
-                        format_eta(batch_cost * (total_iters - iteration)))
-            if writer is not None:
-                writer.add_scalar('Train/loss', window['loss'] / n, iteration)
-                writer.add_scalar('Train/lr', lr, iteration)
-                writer.add_scalar('Train/batch_cost', batch_cost, iteration)
-            window = {'loss': 0.0, 'batch': 0.0, 'reader': 0.0, 'n': 0}
+            window['loss'] += loss_value
+            window['reader'] += reader_cost
+            window['batch'] += time.time() - tic
+            window['n'] += 1
+            # The run's first iteration is logged too, so its ETA comes before the first log_iters wait.
+            if (iteration % log_iters == 0 or iteration in (start_iter + 1, total_iters)) and rank == 0:
+                n = window['n']
+                batch_cost = window['batch'] / n
+                logger.info("[TRAIN] epoch: %d, iter: %d/%d, loss: %.4f, lr: %.6f, batch_cost: %.4f, "
+                            "reader_cost: %.5f, ips: %.4f samples/sec | ETA %s",
+                            sampler.epoch_of(iteration - 1) + 1, iteration, total_iters, window['loss'] / n,
+                            lr, batch_cost, window['reader'] / n, batch_size * world_size / batch_cost,
+                            format_eta(batch_cost * (total_iters - iteration)))
+                if writer is not None:
+                    writer.add_scalar('Train/loss', window['loss'] / n, iteration)
+                    writer.add_scalar('Train/lr', lr, iteration)
+                    writer.add_scalar('Train/batch_cost', batch_cost, iteration)
+                window = {'loss': 0.0, 'batch': 0.0, 'reader': 0.0, 'n': 0}
 
-        if iteration % save_interval == 0 or iteration == total_iters:
-            # Every rank evaluates its share and saves nothing; rank 0 writes the one checkpoint.
-            average_batch_norm_statistics(model)
-            evaluation = None
-            if do_eval:
-                evaluation = evaluate(ModelSegmenter(model, options=eval_options, autocast=autocast),
-                                      val_dataset, num_workers=num_workers)
-                model.train()
-                if evaluation['miou'] > best['miou']:
-                    best = {'miou': evaluation['miou'], 'iter': iteration}
-            if rank == 0:
-                state = {'iter': iteration, 'seed': seed, 'best': best}
-                if evaluation is not None:
-                    state['evaluation'] = evaluation
-                    if writer is not None:
-                        writer.add_scalar('Evaluate/mIoU', evaluation['miou'], iteration)
-                        writer.add_scalar('Evaluate/Acc', evaluation['acc'], iteration)
-                    if best['iter'] == iteration:
-                        save_checkpoint(os.path.join(save_dir, 'best_model'), model, optimizer, state, scaler)
-                    logger.info("[EVAL] The model with the best validation mIoU (%.4f) was saved at iter %d.",
-                                best['miou'], best['iter'])
-                folder = os.path.join(save_dir, f'{CHECKPOINT_PREFIX}{iteration}')
-                save_checkpoint(folder, model, optimizer, state, scaler)
-                remove_old_checkpoints(save_dir, keep_checkpoint_max)
-        tic = time.time()
+            if iteration % save_interval == 0 or iteration == total_iters:
+                # Every rank evaluates its share and saves nothing; rank 0 writes the one checkpoint.
+                average_batch_norm_statistics(model)
+                evaluation = None
+                if do_eval:
+                    evaluation = evaluate(ModelSegmenter(model, options=eval_options, autocast=autocast),
+                                          val_dataset, num_workers=num_workers)
+                    model.train()
+                    if evaluation['miou'] > best['miou']:
+                        best = {'miou': evaluation['miou'], 'iter': iteration}
+                if rank == 0:
+                    state = {'iter': iteration, 'seed': seed, 'best': best}
+                    if evaluation is not None:
+                        state['evaluation'] = evaluation
+                        if writer is not None:
+                            writer.add_scalar('Evaluate/mIoU', evaluation['miou'], iteration)
+                            writer.add_scalar('Evaluate/Acc', evaluation['acc'], iteration)
+                        if best['iter'] == iteration:
+                            save_checkpoint(os.path.join(save_dir, 'best_model'), model, optimizer, state, scaler)
+                        logger.info("[EVAL] The model with the best validation mIoU (%.4f) was saved at iter %d.",
+                                    best['miou'], best['iter'])
+                    folder = os.path.join(save_dir, f'{CHECKPOINT_PREFIX}{iteration}')
+                    save_checkpoint(folder, model, optimizer, state, scaler)
+                    remove_old_checkpoints(save_dir, keep_checkpoint_max)
+            tic = time.time()
 
     if writer is not None:
         writer.close()

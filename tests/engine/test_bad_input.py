@@ -1,6 +1,8 @@
 """Bad data ends in one error naming the file, before training where it can be checked, never a hang."""
+import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -42,8 +44,13 @@ def test_a_corrupt_image_mid_run_stops_naming_it_without_hanging(tiny_config, ti
                                                                  tmp_path, num_workers):
     (dataset_copy / '5.jpg').write_bytes(b'\xff\xd8\xff\xe0 this is not really a jpeg')
     cfg = load_config(write_config(tiny_config, tiny_dataset, dataset_copy), iters=8)
+    sigchld_handler = signal.getsignal(signal.SIGCHLD)
     with pytest.raises(SampleError, match=r'5\.jpg.*cannot'):
         train(cfg, save_dir=str(tmp_path / 'out'), seed=0, num_workers=num_workers)
+    # Nothing outlives the failed run: no loader worker, and no SIGCHLD handler of Paddle's (with it,
+    # each later child process that exited interrupted every thread's system calls, until a crash).
+    assert multiprocessing.active_children() == []
+    assert signal.getsignal(signal.SIGCHLD) is sigchld_handler
 
 
 def test_image_and_label_of_different_size_are_named(tiny_config, tiny_dataset, dataset_copy, tmp_path):
