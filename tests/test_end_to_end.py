@@ -103,6 +103,12 @@ def test_every_format_exports_checked_and_runs_through_infer_and_val(trained, ex
                        '--format', export_format, '--precision', precision, '--calibration_images', 4)
         assert re.search(rf'Checked the {export_format} {precision} export against the dygraph model: '
                          r'\d+\.\d{4}% of the labels equal on 3 images', out)
+        int8_report = re.search(r'int8 quantization: mIoU (\d\.\d{4}) against (\d\.\d{4}) in fp32 '
+                                r'\([+-]\d\.\d{4}\) on 3 val images', out)
+        assert bool(int8_report) == (precision == 'int8')
+        if int8_report:  # each mIoU as the evaluation of that model reports it
+            assert re.search(rf'\[EVAL\] #Images: 3 mIoU: {int8_report.group(1)} .*\(OpenVINO int8\)', out)
+            assert re.search(rf'\[EVAL\] #Images: 3 mIoU: {int8_report.group(2)} .*\(OpenVINO fp32\)', out)
     backend_flag = ['--backend', backend] if backend else []
     run_tool('infer.py', '--config', folder, '--image_path', images, '--save_dir', work / f'inferred_{folder.name}',
              *backend_flag)
@@ -112,8 +118,8 @@ def test_every_format_exports_checked_and_runs_through_infer_and_val(trained, ex
     dygraph_masks = sorted((work / 'dygraph' / 'pseudo_color_prediction').rglob('*.png'))
     exported = EVAL_LINE.search(run_tool('val.py', '--config', trained['config'], '--model_path', folder,
                                          *backend_flag))
-    if precision == 'int8':
-        assert exported  # the int8 model's mIoU, reported as any other
+    if precision == 'int8':  # the int8 model's mIoU, as the export reported it
+        assert f'mIoU: {int8_report.group(1)} ' in exported.group(0)
         return
     dygraph = EVAL_LINE.search(run_tool('val.py', '--config', trained['config'], '--model_path', trained['model']))
     assert exported.group(0) == dygraph.group(0)

@@ -1,19 +1,22 @@
 """Export for deployment, checked against the dygraph model:
-python tools/export.py --config CFG --model_path PATH --save_dir DIR [--format paddle|onnx|openvino] [--precision int8]"""
+python tools/export.py --config CFG --model_path PATH --save_dir DIR [--format paddle|onnx|openvino] [--precision int8]
+[--legacy_program]"""
 import argparse
+import copy
+import os
+import sys
+
+# Paddle 3.3 writes the legacy program format only in a process started with FLAGS_enable_pir_api=0:
+# start again so, before anything is imported or logged.
+if '--legacy_program' in sys.argv[1:] and os.environ.get('FLAGS_enable_pir_api') != '0':
+    os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, FLAGS_enable_pir_api='0'))
 
 from cli import add_verbose_flag, load_config_from_args, run_cli
 from emanet.config import Builder, ConfigError, build_model
 from emanet.deploy.convert import FORMATS, export_checked, preprocessed_images
 from emanet.deploy.export import OUTPUT_OPS, export_stage
 from emanet.engine.predict import list_images
-from emanet.logger import drop_stderr_lines, ignore_warnings, logger
-
-# Paddle's notes while it traces the model, neither about the exported model: a C++ log line
-# because Paddle 3.3's own paddle.add hands its `out=None` to the graph builder,
-PADDLE_ADD_NOTE = 'not support input out tensor'
-# and a Python warning when the `place` of a traced value is read.
-TRACED_PLACE_NOTE = "Tensor do not have 'place' interface"
+from emanet.logger import logger
 
 
 def parse_args(argv=None):
@@ -25,9 +28,14 @@ def parse_args(argv=None):
                         help='paddle (Paddle Inference, CPU and GPU), onnx (ONNX Runtime) or openvino')
     parser.add_argument('--precision', default='fp32', choices=['fp32', 'int8'],
                         help='int8: post-training quantization for OpenVINO, calibrated on training images')
+    parser.add_argument('--legacy_program', action='store_true',
+                        help='paddle format: write the legacy model.pdmodel (for PaddleSeg\'s deploy/python/infer.py, '
+                             'Paddle Inference 2.x, Paddle-Lite) instead of model.json; fp32')
     parser.add_argument('--calibration_images', type=int, default=32,
                         help='int8: how many images of the training set calibrate the quantization')
     parser.add_argument('--calibration_dir', help="int8: calibrate on this folder's images instead")
+    parser.add_argument('--miou_images', type=int, default=-1,
+                        help='int8: val images on which the int8 and fp32 mIoU are compared (default all; 0 skips)')
     parser.add_argument('--check_images', type=int, default=8,
                         help='val images on which the export must label as the dygraph model does')
     parser.add_argument('--min_agreement', type=float,
@@ -50,7 +58,16 @@ def dataset_images(cfg, split, count):
     return [files[0] for files in dataset.file_list[::step][:count]]
 
 
+def first_images(dataset, count):
+    """``dataset`` cut to its first ``count`` images (all for a negative count)."""
+    subset = copy.copy(dataset)
+    subset.file_list = dataset.file_list if count < 0 else dataset.file_list[:count]
+    return subset
+
+
 def main(args):
+    if args.legacy_program and (args.format != 'paddle' or args.precision != 'fp32'):
+        raise ConfigError("--legacy_program is a format of the fp32 Paddle export: use it with --format paddle")
     cfg = load_config_from_args(args, training=False)
     transforms = cfg.val_dataset_cfg.get('transforms')
     if not transforms:
@@ -68,11 +85,14 @@ def main(args):
         raise ConfigError(f"{args.config}: the export is checked on val images, and the val set has none")
     with export_stage():
         model = build_model(cfg, weights=args.model_path)
-    with drop_stderr_lines(PADDLE_ADD_NOTE), ignore_warnings(TRACED_PLACE_NOTE):
-        export_checked(model, args.save_dir, transforms, check_images, export_format=args.format,
-                       input_shape=args.input_shape, output_op=args.output_op, calibration=calibration,
-                       min_agreement=args.min_agreement)
-    logger.info("Exported %s %s to %s", args.format, args.precision, args.save_dir)
+    val_dataset = None
+    if calibration is not None and args.miou_images:
+        val_dataset = first_images(Builder(cfg).val_dataset, args.miou_images)
+    export_checked(model, args.save_dir, transforms, check_images, export_format=args.format,
+                   input_shape=args.input_shape, output_op=args.output_op, calibration=calibration,
+                   min_agreement=args.min_agreement, val_dataset=val_dataset)
+    logger.info("Exported %s %s%s to %s", args.format, args.precision,
+                ' (legacy program, model.pdmodel)' if args.legacy_program else '', args.save_dir)
 
 
 if __name__ == '__main__':

@@ -19,6 +19,7 @@ import paddle
 from emanet.deploy.export import export_model, read_deploy_config, write_deploy_config
 from emanet.deploy.predictor import load_exported
 from emanet.deploy.runtimes import require
+from emanet.engine.evaluate import evaluate
 from emanet.logger import logger
 from emanet.segmenter import build_transforms, read_image
 
@@ -92,15 +93,18 @@ def label_agreement(exported, model, images):
 
 
 def export_checked(model, save_dir, transforms_cfg, check_images, export_format='paddle', input_shape=None,
-                   output_op='argmax', calibration=None, min_agreement=None):
+                   output_op='argmax', calibration=None, min_agreement=None, val_dataset=None):
     """Export ``model`` as ``export_format`` into ``save_dir``, then check it against the dygraph model.
 
     Args:
         check_images: preprocessed images [3, h, w] that both models label.
         calibration: preprocessed images for int8 quantization (OpenVINO only); None keeps fp32.
         min_agreement: the least share of equal labels (default: 99.99% fp32, 95% int8).
+        val_dataset: with ``calibration``, a labelled dataset on which the int8 model and the fp32
+            graph it was quantized from (both in OpenVINO) are evaluated, to report what int8 costs.
     Returns:
-        (path of deploy.yaml, share of labels equal to the dygraph model's).
+        (path of deploy.yaml, share of labels equal to the dygraph model's, {'fp32': mIoU, 'int8': mIoU}
+        or None without ``val_dataset``).
     """
     if export_format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got '{export_format}'")
@@ -116,12 +120,19 @@ def export_checked(model, save_dir, transforms_cfg, check_images, export_format=
             path = to_onnx(paddle_dir, onnx_dir)
             if export_format == 'openvino':
                 path = to_openvino(onnx_dir, save_dir, calibration)
-    agreement = label_agreement(load_exported(save_dir), model, check_images)
-    if agreement < min_agreement:
-        shutil.rmtree(save_dir, ignore_errors=True)
-        raise ExportCheckError(f"the {export_format} {quantization} export labels {agreement:.4%} of the pixels as "
-                               f"the dygraph model does on {len(check_images)} images, below {min_agreement:.2%}; "
-                               "it was removed")
-    logger.info("Checked the %s %s export against the dygraph model: %.4f%% of the labels equal on %d images",
-                export_format, quantization, agreement * 100, len(check_images))
-    return path, agreement
+        agreement = label_agreement(load_exported(save_dir), model, check_images)
+        if agreement < min_agreement:
+            shutil.rmtree(save_dir, ignore_errors=True)
+            raise ExportCheckError(f"the {export_format} {quantization} export labels {agreement:.4%} of the pixels "
+                                   f"as the dygraph model does on {len(check_images)} images, below "
+                                   f"{min_agreement:.2%}; it was removed")
+        logger.info("Checked the %s %s export against the dygraph model: %.4f%% of the labels equal on %d images",
+                    export_format, quantization, agreement * 100, len(check_images))
+        miou = None
+        if calibration is not None and val_dataset is not None:
+            miou = {precision: evaluate(load_exported(folder, backend='openvino'), val_dataset,
+                                        note=f'OpenVINO {precision}')['miou']
+                    for precision, folder in (('fp32', onnx_dir), ('int8', save_dir))}
+            logger.info("int8 quantization: mIoU %.4f against %.4f in fp32 (%+.4f) on %d val images",
+                        miou['int8'], miou['fp32'], miou['int8'] - miou['fp32'], len(val_dataset))
+    return path, agreement, miou

@@ -16,13 +16,21 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 import yaml
 
-from emanet.logger import logger
+from emanet.deploy.legacy_program import legacy_operators, writes_legacy_program
+from emanet.logger import drop_stderr_lines, ignore_warnings, logger
 
 OUTPUT_OPS = ('argmax', 'softmax', 'none')
 DEPLOY_FILE = 'deploy.yaml'
 MODEL_PREFIX = 'model'
 # PaddleSeg's layers build BatchNorm instead of SyncBatchNorm while this is set.
 EXPORT_STAGE_VARIABLE = 'PADDLESEG_EXPORT_STAGE'
+# What Paddle prints while it traces and saves a model, none of it about the exported model: a C++
+# log line because Paddle 3.3's own paddle.add hands its `out=None` to the graph builder, and its
+# legacy executor's start;
+TRACING_LOG_LINES = ('not support input out tensor', 'New Executor is Running')
+# a warning when the `place` of a traced value is read, and two about Paddle's own legacy tracing.
+TRACING_WARNINGS = ("Tensor do not have 'place' interface", 'paddle.amp.auto_cast is an experimental features',
+                    'The Attr(force_cpu) of Op(fill_constant)')
 
 
 def resize_bilinear_by_matmul(logits, size, align_corners):
@@ -115,7 +123,9 @@ def export_model(model, save_dir, transforms_cfg, input_shape=None, output_op='a
     """Write ``model`` as a static inference model plus deploy.yaml into ``save_dir``.
 
     Build the model inside ``export_stage()``, as tools/export.py does, so that PaddleSeg layers
-    make plain BatchNorm rather than SyncBatchNorm.
+    make plain BatchNorm rather than SyncBatchNorm. In a process started with
+    ``FLAGS_enable_pir_api=0`` the program is written in the legacy format (model.pdmodel, for
+    PaddleSeg's deploy/python/infer.py, Paddle Inference 2.x and Paddle-Lite), else as model.json.
 
     Args:
         model: an emanet EMANet; it is left as it was.
@@ -133,17 +143,18 @@ def export_model(model, save_dir, transforms_cfg, input_shape=None, output_op='a
     if len(shape) != 4 or shape[1] != 3:
         raise ValueError(f"input_shape must be N 3 H W, got {' '.join(map(str, input_shape))}")
     os.makedirs(save_dir, exist_ok=True)
-    with _traceable(model):
+    legacy = writes_legacy_program()
+    with _traceable(model), (legacy_operators() if legacy else contextlib.nullcontext()):
         with paddle.no_grad():  # EMANet does not store its number of classes; its logits tell
             num_classes = int(model(paddle.zeros([1, 3, 64, 64]))[0].shape[1])
         # A copy of shape: InputSpec turns its None into -1 in place.
         input_spec = [paddle.static.InputSpec(list(shape), 'float32', name='x')]
-        static_model = paddle.jit.to_static(InferenceModel(model, output_op), input_spec=input_spec,
-                                            full_graph=True)
-        paddle.jit.save(static_model, os.path.join(save_dir, MODEL_PREFIX))
-    # Paddle 3 writes the program as model.json (PIR); older program formats are model.pdmodel.
-    model_file = next(name for name in (MODEL_PREFIX + '.json', MODEL_PREFIX + '.pdmodel')
-                      if os.path.isfile(os.path.join(save_dir, name)))
+        with drop_stderr_lines(*TRACING_LOG_LINES), ignore_warnings(*TRACING_WARNINGS):
+            static_model = paddle.jit.to_static(InferenceModel(model, output_op), input_spec=input_spec,
+                                                full_graph=True)
+            paddle.jit.save(static_model, os.path.join(save_dir, MODEL_PREFIX))
+    # Paddle 3 writes the program as model.json (PIR); the legacy program format is model.pdmodel.
+    model_file = MODEL_PREFIX + ('.pdmodel' if legacy else '.json')
     path = write_deploy_config(save_dir, {
         'format': 'paddle',
         'model': model_file,

@@ -117,6 +117,9 @@ class PaddleInferenceSegmenter(ExportedSegmenter):
 
     def __init__(self, deploy_path, device='cpu', precision='fp32', cpu_threads=None):
         super().__init__(deploy_path)
+        if precision == 'bf16' and self.deploy['model'].endswith('.pdmodel'):
+            raise ValueError("bf16 needs the model.json export: Paddle 3.3 runs a legacy model.pdmodel in fp32 "
+                             "only (export without --legacy_program for bf16)")
         config = inference_config(self.deploy['model'], self.deploy['params'], device, precision, cpu_threads)
         self.predictor = inference.create_predictor(config)
         self.input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])

@@ -35,7 +35,7 @@ def exports(model, images, tmp_path_factory):
     for name, export_format, calibration in (('onnx', 'onnx', None), ('openvino', 'openvino', None),
                                              ('openvino_int8', 'openvino', check)):
         folders[name] = str(tmp_path_factory.mktemp(name))
-        _, agreement = export_checked(model, folders[name], TRANSFORMS, check, export_format=export_format,
+        _, agreement, _ = export_checked(model, folders[name], TRANSFORMS, check, export_format=export_format,
                                       calibration=calibration, min_agreement=0.9 if calibration else None)
         folders[name + '_agreement'] = agreement
     return folders
