@@ -21,6 +21,9 @@ def parse_args(argv=None):
     parser.add_argument('--num_workers', type=int, default=0, help='data loader processes')
     parser.add_argument('--do_eval', action='store_true', help='evaluate at every save and keep best_model/')
     parser.add_argument('--use_vdl', action='store_true', help='write VisualDL scalars to save_dir')
+    parser.add_argument('--log_attention', action='store_true',
+                        help='with --use_vdl --do_eval: at each evaluation, pictures of the EM unit\'s attention '
+                             'on the first val images in VisualDL')
     parser.add_argument('--resume_model', help="an iter_N checkpoint folder to continue from, or 'latest'")
     parser.add_argument('--iters', type=int, help='override the config: total iterations')
     parser.add_argument('--batch_size', type=int, help='override the config: images per process')
@@ -51,7 +54,8 @@ def main(args):
                      do_eval=args.do_eval, use_vdl=args.use_vdl, resume_model=args.resume_model,
                      save_interval=args.save_interval, log_iters=args.log_iters,
                      keep_checkpoint_max=args.keep_checkpoint_max, seed=args.seed, precision=args.precision,
-                     amp_level=args.amp_level, eval_options=InferenceOptions.from_config(cfg.test_config))
+                     amp_level=args.amp_level, eval_options=InferenceOptions.from_config(cfg.test_config),
+                     log_attention=args.log_attention)
 
 
 if __name__ == '__main__':

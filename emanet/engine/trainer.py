@@ -20,6 +20,7 @@ from emanet.checkpoint import (float32_state_dict, load_optimizer_state, load_we
 from emanet.config import Builder
 from emanet.data.loading import ResumableBatchSampler, TrainSamples, batches, collate_train, raise_if_error
 from emanet.engine.distributed import average_batch_norm_statistics
+from emanet.engine.attention import log_attention_pictures
 from emanet.engine.evaluate import evaluate
 from emanet.engine.inference import ModelSegmenter
 from emanet.logger import logger
@@ -146,14 +147,17 @@ def format_eta(seconds):
 
 def train(cfg, save_dir='output', device='cpu', num_workers=0, do_eval=False, use_vdl=False,
           resume_model=None, save_interval=1000, log_iters=10, keep_checkpoint_max=5, seed=None,
-          precision='fp32', amp_level='O1', eval_options=InferenceOptions()):
+          precision='fp32', amp_level='O1', eval_options=InferenceOptions(), log_attention=False):
     """Train the model of a loaded config (``emanet.config.load_config``) and return the final model.
 
     Checkpoints land in ``save_dir/iter_N`` every ``save_interval`` iterations (and at the
     end); with ``do_eval`` each is evaluated (with ``eval_options``, the config's test_config)
     and the best by mIoU is copied to ``save_dir/best_model``. ``resume_model`` is an iter_N
-    folder, or 'latest'.
+    folder, or 'latest'. With ``log_attention`` (and ``use_vdl``, ``do_eval``) each evaluation also
+    puts pictures of the EM unit's attention on the first val images into VisualDL.
     """
+    if log_attention and not (use_vdl and do_eval):
+        raise ValueError("log_attention puts pictures into VisualDL at each evaluation: it needs use_vdl and do_eval")
     device = set_device(device)
     world_size, rank = dist.get_world_size(), dist.get_rank()
     autocast, use_scaler = amp_settings(precision, device, amp_level)
@@ -259,6 +263,9 @@ def train(cfg, save_dir='output', device='cpu', num_workers=0, do_eval=False, us
                 if do_eval:
                     evaluation = evaluate(ModelSegmenter(model, options=eval_options, autocast=autocast),
                                           val_dataset, num_workers=num_workers)
+                    if log_attention and rank == 0:
+                        val_transforms = cfg.val_dataset_cfg.get('transforms') or []
+                        log_attention_pictures(writer, ModelSegmenter(model, val_transforms), val_dataset, iteration)
                     model.train()
                     if evaluation['miou'] > best['miou']:
                         best = {'miou': evaluation['miou'], 'iter': iteration}

@@ -64,16 +64,7 @@ class EMAU(nn.Layer):
 
     def em_steps(self, feats):
         """Run T EM iterations on feats [B, C, N]; return bases [B, C, K] and responsibilities [B, N, K]."""
-        # The learned bases [1, C, K] broadcast over the batch in the first product. (Matrix products
-        # rather than bmm with tiled bases: exported graphs then keep static ranks, which OpenVINO needs,
-        # and Paddle's legacy static graph, which has no bmm for its variables, can trace the unit.)
-        bases = self.mu.astype('float32')
-        feats_t = feats.transpose([0, 2, 1])  # [B, N, C]
-        for _ in range(self.stage_num):
-            resp = F.softmax(paddle.matmul(feats_t, bases), axis=2)  # [B, N, K]
-            resp_over_pixels = F.normalize(resp, p=1, axis=1)  # [B, N, K], sums to 1 over N
-            bases = F.normalize(paddle.matmul(feats, resp_over_pixels), p=2, axis=1)  # [B, C, K]
-        return bases, resp
+        return em_iterations(feats, self.mu.astype('float32'), self.stage_num)
 
     def update_bases(self, bases):
         """Blend the batch's final bases [B, C, K] into the learned bases (training only)."""
@@ -85,3 +76,16 @@ class EMAU(nn.Layer):
         batch_bases = F.normalize(batch_bases, p=2, axis=1)
         blended = self.mu.astype('float32') * (1 - self.momentum) + batch_bases * self.momentum
         paddle.assign(blended.astype(self.mu.dtype), output=self.mu)
+
+
+def em_iterations(feats, bases, stage_num):
+    """``stage_num`` EM iterations on feats [B, C, N] from the initial bases [1, C, K] (or [B, C, K]);
+    return the final bases [B, C, K] and responsibilities [B, N, K] (E-step and M-step of ``EMAU``)."""
+    # The learned bases [1, C, K] broadcast over the batch in the first product: tiling them over
+    # a dynamic batch became a Tile of unknown rank in the ONNX graph, which OpenVINO cannot compile.
+    feats_t = feats.transpose([0, 2, 1])  # [B, N, C]
+    for _ in range(stage_num):
+        resp = F.softmax(paddle.matmul(feats_t, bases), axis=2)  # [B, N, K]
+        resp_over_pixels = F.normalize(resp, p=1, axis=1)  # [B, N, K], sums to 1 over N
+        bases = F.normalize(paddle.matmul(feats, resp_over_pixels), p=2, axis=1)  # [B, C, K]
+    return bases, resp
