@@ -1,5 +1,6 @@
 """Shared file chores of the data modules: listing what is missing, parallel conversion, atomic PNGs."""
 import contextlib
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 
@@ -38,8 +39,11 @@ def convert_all(convert, tasks, workers=None, description=None):
         if workers == 1:
             results = map(convert, tasks)
         else:
-            # cv2's own threads would compete with the worker processes for the same cores.
-            pool = stack.enter_context(ProcessPoolExecutor(workers, initializer=cv2.setNumThreads, initargs=(1,)))
+            # Started afresh, not forked: a child forked after cv2 ran its thread pool in this process
+            # hangs in its first cv2 call (seen in the test suite). One cv2 thread each: cv2's own
+            # threads would compete with the worker processes for the same cores.
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn'),
+                                                           initializer=cv2.setNumThreads, initargs=(1,)))
             results = pool.map(convert, tasks, chunksize=max(1, min(32, len(tasks) // (4 * workers))))
         for was_written in results:
             written += was_written
