@@ -5,6 +5,7 @@ Works on any EMANet, this package's or PaddleSeg's own class (with weights of ei
 its EM unit is read by a forward pre-hook during one plain forward pass and the unit's EM iterations
 (``emanet.models.ema_unit.em_iterations``) run again on it, so the model's outputs stay as they are.
 """
+import contextlib
 import dataclasses
 import os
 
@@ -67,9 +68,11 @@ def em_attention(segmenter, image):
     array, trans_info = segmenter.preprocess(read_image(image))
     captured = []
     hook = unit.register_forward_pre_hook(lambda layer, inputs: captured.append(inputs[0]))
+    autocast = getattr(segmenter, 'autocast', None)  # a model trained with AMP O2 holds half-precision weights
     try:
         model.eval()
-        logits = model(paddle.to_tensor(array[None]))[0]  # [1, classes, h_in, w_in]
+        with paddle.amp.auto_cast(**autocast) if autocast else contextlib.nullcontext():
+            logits = model(paddle.to_tensor(array[None]))[0].astype('float32')  # [1, classes, h_in, w_in]
     finally:
         hook.remove()
     feats = captured[0].astype('float32')  # [1, C, h, w]
@@ -83,6 +86,11 @@ def em_attention(segmenter, image):
     return EMAttention(responsibilities=resp[0].numpy(), bases=bases[0].numpy(),
                        labels=labels.numpy().astype(np.int32),
                        image_maps=undo_transforms(at_input, trans_info)[0].numpy())
+
+
+def bgr_class_colors(palette=None):
+    """[256, 3] BGR colours of the classes: the dataset's ``palette`` (RGB) if it has one, else PaddleSeg's."""
+    return np.asarray(color_map(palette), np.uint8).reshape(-1, 3)[:, ::-1]
 
 
 def base_colors(count):
@@ -129,7 +137,7 @@ def save_attention_pictures(segmenter, image_path, save_dir, palette=None, top=1
     """Write attention_picture of every image under ``image_path`` (an image, a folder or a list file)
     as save_dir/<name>_attention.png; return the paths written. ``palette``: the dataset's class colours."""
     paths, root = list_images(image_path)
-    class_colors = np.asarray(color_map(palette), np.uint8).reshape(-1, 3)[:, ::-1]  # RGB -> BGR
+    class_colors = bgr_class_colors(palette)
     written = []
     for path in tqdm(paths, desc='visualize', unit='image'):
         picture = attention_picture(path, em_attention(segmenter, path), class_colors, top=top)
@@ -142,7 +150,7 @@ def save_attention_pictures(segmenter, image_path, save_dir, palette=None, top=1
 def log_attention_pictures(writer, segmenter, dataset, step, count=LOGGED_IMAGES):
     """Add attention_picture of the first ``count`` images of ``dataset`` to a VisualDL ``writer``
     as 'Attention/<image name>' at ``step``."""
-    class_colors = np.asarray(color_map(getattr(dataset, 'PALETTE', None)), np.uint8).reshape(-1, 3)[:, ::-1]
+    class_colors = bgr_class_colors(getattr(dataset, 'PALETTE', None))
     for image_path in [files[0] for files in dataset.file_list[:count]]:
         picture = attention_picture(image_path, em_attention(segmenter, image_path), class_colors)
         name = os.path.splitext(os.path.basename(image_path))[0]

@@ -265,7 +265,8 @@ def train(cfg, save_dir='output', device='cpu', num_workers=0, do_eval=False, us
                                           val_dataset, num_workers=num_workers)
                     if log_attention and rank == 0:
                         val_transforms = cfg.val_dataset_cfg.get('transforms') or []
-                        log_attention_pictures(writer, ModelSegmenter(model, val_transforms), val_dataset, iteration)
+                        log_attention_pictures(writer, ModelSegmenter(model, val_transforms, autocast=autocast),
+                                               val_dataset, iteration)
                     model.train()
                     if evaluation['miou'] > best['miou']:
                         best = {'miou': evaluation['miou'], 'iter': iteration}
