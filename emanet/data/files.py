@@ -1,8 +1,7 @@
 """Shared file chores of the data modules: listing what is missing, parallel conversion, atomic PNGs."""
 import contextlib
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 from tqdm import tqdm
@@ -27,7 +26,7 @@ def require_files(paths, description):
 
 
 def convert_all(convert, tasks, workers=None, description=None):
-    """Run ``convert(task)`` for every task in ``workers`` processes, with a progress bar.
+    """Run ``convert(task)`` for every task in ``workers`` threads, with a progress bar.
 
     ``convert`` returns whether it wrote its output (False: already up to date).
 
@@ -39,11 +38,10 @@ def convert_all(convert, tasks, workers=None, description=None):
         if workers == 1:
             results = map(convert, tasks)
         else:
-            # Started afresh, not forked: a child forked after cv2 ran its thread pool in this process
-            # hangs in its first cv2 call (seen in the test suite). One cv2 thread each: cv2's own
-            # threads would compete with the worker processes for the same cores.
-            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn'),
-                                                           initializer=cv2.setNumThreads, initargs=(1,)))
+            # Threads, not processes: a child forked after cv2 had run its thread pool in this process
+            # hung in its first cv2 call, and spawned ones would import the caller's unguarded __main__
+            # again. cv2 and numpy release the GIL for the drawing, decoding and encoding.
+            pool = stack.enter_context(ThreadPoolExecutor(workers))
             results = pool.map(convert, tasks, chunksize=max(1, min(32, len(tasks) // (4 * workers))))
         for was_written in results:
             written += was_written
