@@ -114,10 +114,10 @@ def batches(loader):
     as it was before.
 
     Paddle stops the workers only when the iterator is garbage-collected, and a traceback keeps
-    the iterator alive. And a loader with workers installs a Python SIGCHLD handler for the rest of
-    the process: every later child that exits (a ``subprocess.run``) then interrupts the system
-    calls of whatever thread receives the signal, which crashed the process once OpenVINO, ONNX
-    Runtime and Paddle Inference had run in it (a segmentation fault in the test suite).
+    the iterator alive. And a loader with workers installs a Python SIGCHLD handler (Paddle's check
+    for dead workers) for the rest of the process: with it in place, a later child process exiting
+    (a ``subprocess.run``) crashed a process in which OpenVINO, ONNX Runtime and Paddle Inference had
+    run (a segmentation fault in the test suite; gone with the handler restored).
     """
     restore_sigchld = threading.current_thread() is threading.main_thread()
     sigchld_handler = signal.getsignal(signal.SIGCHLD) if restore_sigchld else None

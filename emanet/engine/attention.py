@@ -65,7 +65,7 @@ def em_attention(segmenter, image):
     """
     model = segmenter.model
     unit = find_em_unit(model)
-    array, trans_info = segmenter.preprocess(read_image(image))
+    array, trans_info = segmenter.preprocess(image)
     captured = []
     hook = unit.register_forward_pre_hook(lambda layer, inputs: captured.append(inputs[0]))
     autocast = getattr(segmenter, 'autocast', None)  # a model trained with AMP O2 holds half-precision weights
@@ -140,7 +140,8 @@ def save_attention_pictures(segmenter, image_path, save_dir, palette=None, top=1
     class_colors = bgr_class_colors(palette)
     written = []
     for path in tqdm(paths, desc='visualize', unit='image'):
-        picture = attention_picture(path, em_attention(segmenter, path), class_colors, top=top)
+        image = read_image(path)  # once, for the model and the picture
+        picture = attention_picture(image, em_attention(segmenter, image), class_colors, top=top)
         written.append(os.path.join(save_dir, os.path.splitext(os.path.relpath(path, root))[0] + '_attention.png'))
         os.makedirs(os.path.dirname(written[-1]), exist_ok=True)
         cv2.imwrite(written[-1], picture)
@@ -152,6 +153,7 @@ def log_attention_pictures(writer, segmenter, dataset, step, count=LOGGED_IMAGES
     as 'Attention/<image name>' at ``step``."""
     class_colors = bgr_class_colors(getattr(dataset, 'PALETTE', None))
     for image_path in [files[0] for files in dataset.file_list[:count]]:
-        picture = attention_picture(image_path, em_attention(segmenter, image_path), class_colors)
+        image = read_image(image_path)
+        picture = attention_picture(image, em_attention(segmenter, image), class_colors)
         name = os.path.splitext(os.path.basename(image_path))[0]
         writer.add_image(tag=f'Attention/{name}', img=picture[:, :, ::-1], step=step)  # VisualDL takes RGB
