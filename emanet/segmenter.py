@@ -15,6 +15,8 @@ import paddle.nn.functional as F
 from paddleseg.cvlibs import manager
 from paddleseg.transforms import Compose
 
+from emanet.errors import InvalidInput
+
 
 @dataclasses.dataclass(frozen=True)
 class InferenceOptions:
@@ -44,7 +46,7 @@ class InferenceOptions:
         known = [field.name for field in dataclasses.fields(cls)]
         unknown = [key for key in (test_config or {}) if key not in known]
         if unknown:
-            raise ValueError(f"test_config has unknown key '{unknown[0]}'; known: {', '.join(known)}")
+            raise InvalidInput(f"test_config has unknown key '{unknown[0]}'; known: {', '.join(known)}")
         values = dict(test_config or {})
         values.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**values)
@@ -63,7 +65,7 @@ def build_transforms(transforms_cfg):
         kwargs = dict(transform_cfg)
         name = kwargs.pop('type')
         if name not in manager.TRANSFORMS.components_dict:
-            raise ValueError(f"unknown transform '{name}'")
+            raise InvalidInput(f"unknown transform '{name}'")
         transforms.append(manager.TRANSFORMS[name](**kwargs))
     return Compose(transforms)
 
@@ -110,7 +112,7 @@ def read_image(image):
             raise FileNotFoundError(f"cannot read image: {path}")
         return image
     if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3):
-        raise ValueError(f"an image must be a path or a BGR array [H, W, 3], got {type(image).__name__} "
+        raise InvalidInput(f"an image must be a path or a BGR array [H, W, 3], got {type(image).__name__} "
                          f"of shape {getattr(image, 'shape', None)}")
     return image
 

@@ -49,3 +49,24 @@ def test_every_flag_has_help(name, flags, capsys):
     for flag in flags:
         # The flag, its value's name or choices, then words of help (not the next flag).
         assert re.search(rf'^  {flag}( [A-Z_]+| \{{[\w,]+\}})?\s+[a-zA-Z"\']', text, re.M), flag
+
+
+def test_only_errors_a_user_can_fix_lose_their_traceback(capsys, monkeypatch):
+    from cli import run_cli
+    from emanet.config import ConfigError
+    monkeypatch.delenv('EMANET_DEBUG', raising=False)
+
+    def fails_with(error):
+        def main(args):
+            raise error
+        return main
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(fails_with(ConfigError("c.yml: unknown key 'iter'")), None)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: c.yml: unknown key 'iter'\n"
+    # A bug (here a RuntimeError from deep inside a library) keeps its traceback.
+    with pytest.raises(RuntimeError, match='an internal invariant broke'):
+        run_cli(fails_with(RuntimeError('an internal invariant broke')), None)
+    with pytest.raises(ValueError, match='operands could not be broadcast'):
+        run_cli(fails_with(ValueError('operands could not be broadcast together')), None)

@@ -6,7 +6,7 @@ import shlex
 import sys
 
 from benchmarking import PARTS, format_report, model_spec_for_backbone, model_spec_from_config, run_benchmark
-from cli import add_device_flag, run_cli
+from cli import add_device_flag, positive_int, run_cli
 from emanet.config import load_config
 
 
@@ -21,11 +21,11 @@ def parse_args(argv=None):
                         help='eval input size')
     parser.add_argument('--train_size', nargs=2, type=int, default=[512, 256], metavar=('W', 'H'),
                         help='training crop size')
-    parser.add_argument('--train_batch', type=int, default=2, help='images per training step')
+    parser.add_argument('--train_batch', type=positive_int, default=2, help='images per training step')
     parser.add_argument('--attention_size', nargs=2, type=int, default=[128, 64], metavar=('W', 'H'),
                         help='feature map of the EM unit vs non-local comparison (512 channels)')
-    parser.add_argument('--runs', type=int, default=3, help='timed runs per variant and round')
-    parser.add_argument('--rounds', type=int, default=3,
+    parser.add_argument('--runs', type=positive_int, default=3, help='timed runs per variant and round')
+    parser.add_argument('--rounds', type=positive_int, default=3,
                         help='rounds over all variants, in alternating order (the median of every run is reported)')
     parser.add_argument('--warmup', type=int, default=1, help='untimed runs before them')
     parser.add_argument('--threads', type=int, help='CPU math threads for every variant; default every core')

@@ -47,6 +47,7 @@ from emanet.deploy.predictor import load_exported
 from emanet.deploy.runtimes import has_fast_bf16, require
 from emanet.engine.evaluate import evaluate
 from emanet.engine.inference import infer_logits
+from emanet.errors import InvalidInput
 from emanet.models.losses import CrossEntropyLoss
 from emanet.logger import logger
 from emanet.models import EMAU, EMANet
@@ -212,7 +213,7 @@ def build_emanet(model_spec, implementation='ours'):
     backbone_type = backbone_cfg.pop('type')
     known = manager.BACKBONES.components_dict
     if backbone_type not in known:
-        raise ValueError(f"unknown backbone '{backbone_type}'{closest(backbone_type, known)}")
+        raise InvalidInput(f"unknown backbone '{backbone_type}'{closest(backbone_type, known)}")
     backbone = manager.BACKBONES[backbone_type](**backbone_cfg)
     if implementation == 'ours':
         return EMANet(backbone=backbone, **kwargs)
@@ -610,9 +611,9 @@ def run_benchmark(model_spec, input_size=(1024, 512), train_size=(512, 256), tra
     """
     unknown = [part for part in skip if part not in PARTS]
     if unknown:
-        raise ValueError(f"unknown part to skip '{unknown[0]}'; known: {', '.join(PARTS)}")
+        raise InvalidInput(f"unknown part to skip '{unknown[0]}'; known: {', '.join(PARTS)}")
     if runs < 1 or rounds < 1 or warmup < 0:
-        raise ValueError(f"need runs >= 1, rounds >= 1 and warmup >= 0, got runs {runs}, rounds {rounds}, "
+        raise InvalidInput(f"need runs >= 1, rounds >= 1 and warmup >= 0, got runs {runs}, rounds {rounds}, "
                          f"warmup {warmup}")
     paddle.set_device(device)
     machine = machine_info(device, threads)

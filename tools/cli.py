@@ -4,17 +4,28 @@ import argparse
 import os
 import sys
 
-from emanet.checkpoint import CheckpointError
-from emanet.config import ConfigError, build_model, load_config
+from emanet.config import build_model, load_config
 from emanet.deploy.predictor import BACKEND_FORMATS, load_exported
-from emanet.download import DownloadError
 from emanet.engine.inference import ModelSegmenter
+from emanet.errors import InvalidInput, UserError
 from emanet.logger import logger, setup_logging
 from emanet.runtime import parse_device
 from emanet.segmenter import InferenceOptions
 
-# Errors a user can cause; the tools print their message alone, without a traceback.
-USER_ERRORS = (ConfigError, CheckpointError, DownloadError, FileNotFoundError, ValueError, RuntimeError)
+# Errors a user can fix (a file, a flag, a key); the tools print their message alone. Any other
+# exception is a bug and keeps its traceback.
+USER_ERRORS = (UserError, FileNotFoundError)
+
+
+def positive_int(text):
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _device_flag(text):
@@ -67,7 +78,7 @@ def load_segmenter(args, cfg):
     if os.path.isdir(args.model_path):
         given = [f'--{key}' for key, value in augment_flags(args).items() if value]
         if given:
-            raise ValueError(f"an exported model runs as exported; drop {', '.join(given)}")
+            raise InvalidInput(f"an exported model runs as exported; drop {', '.join(given)}")
         return load_exported(args.model_path, backend=getattr(args, 'backend', None), device=args.device,
                              precision=getattr(args, 'precision', 'fp32'))
     model = build_model(cfg, weights=args.model_path)

@@ -11,7 +11,7 @@ import sys
 if '--legacy_program' in sys.argv[1:] and os.environ.get('FLAGS_enable_pir_api') != '0':
     os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, FLAGS_enable_pir_api='0'))
 
-from cli import add_verbose_flag, load_config_from_args, run_cli
+from cli import add_verbose_flag, load_config_from_args, positive_int, run_cli
 from emanet.config import Builder, ConfigError, build_model
 from emanet.deploy.convert import FORMATS, export_checked, preprocessed_images
 from emanet.deploy.export import OUTPUT_OPS, export_stage
@@ -31,12 +31,12 @@ def parse_args(argv=None):
     parser.add_argument('--legacy_program', action='store_true',
                         help='paddle format: write the legacy model.pdmodel (for PaddleSeg\'s deploy/python/infer.py, '
                              'Paddle Inference 2.x, Paddle-Lite) instead of model.json; fp32')
-    parser.add_argument('--calibration_images', type=int, default=32,
+    parser.add_argument('--calibration_images', type=positive_int, default=32,
                         help='int8: how many images of the training set calibrate the quantization')
     parser.add_argument('--calibration_dir', help="int8: calibrate on this folder's images instead")
     parser.add_argument('--miou_images', type=int, default=-1,
                         help='int8: val images on which the int8 and fp32 mIoU are compared (default all; 0 skips)')
-    parser.add_argument('--check_images', type=int, default=8,
+    parser.add_argument('--check_images', type=positive_int, default=8,
                         help='val images on which the export must label as the dygraph model does')
     parser.add_argument('--min_agreement', type=float,
                         help='least share of equal labels (default 0.9999 for fp32, 0.95 for int8)')

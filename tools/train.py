@@ -3,7 +3,7 @@ import argparse
 import os
 
 from cli import (add_device_flag, add_paddleseg_train_flags, add_verbose_flag, flags_without_effect,
-                        load_config_from_args, run_cli)
+                        load_config_from_args, positive_int, run_cli)
 from emanet.config import save_config
 from emanet.engine.trainer import train
 from emanet.logger import ignore_warnings, logger
@@ -25,11 +25,11 @@ def parse_args(argv=None):
                         help='with --use_vdl --do_eval: at each evaluation, pictures of the EM unit\'s attention '
                              'on the first val images in VisualDL')
     parser.add_argument('--resume_model', help="an iter_N checkpoint folder to continue from, or 'latest'")
-    parser.add_argument('--iters', type=int, help='override the config: total iterations')
-    parser.add_argument('--batch_size', type=int, help='override the config: images per process')
+    parser.add_argument('--iters', type=positive_int, help='override the config: total iterations')
+    parser.add_argument('--batch_size', type=positive_int, help='override the config: images per process')
     parser.add_argument('--learning_rate', type=float, help='override the config: base learning rate')
-    parser.add_argument('--save_interval', type=int, default=1000, help='iterations between checkpoints')
-    parser.add_argument('--log_iters', type=int, default=10,
+    parser.add_argument('--save_interval', type=positive_int, default=1000, help='iterations between checkpoints')
+    parser.add_argument('--log_iters', type=positive_int, default=10,
                         help='iterations between log lines (the first iteration is logged too, with the ETA)')
     parser.add_argument('--keep_checkpoint_max', type=int, default=5, help='iter_N folders to keep')
     parser.add_argument('--seed', type=int, help='random seed (default: a random one, saved for resuming)')

@@ -7,6 +7,7 @@ from cli import add_device_flag, add_verbose_flag, load_config_from_args, run_cl
 from emanet.config import Builder, build_model
 from emanet.engine.attention import save_attention_pictures
 from emanet.engine.inference import ModelSegmenter
+from emanet.errors import InvalidInput
 from emanet.logger import logger
 from emanet.runtime import set_device
 
@@ -26,7 +27,7 @@ def parse_args(argv=None):
 
 def main(args):
     if os.path.isdir(args.model_path):
-        raise ValueError(f"{args.model_path} is a folder: attention maps need the weights (.pdparams), "
+        raise InvalidInput(f"{args.model_path} is a folder: attention maps need the weights (.pdparams), "
                          "not an exported model")
     set_device(args.device)
     cfg = load_config_from_args(args, training=False)

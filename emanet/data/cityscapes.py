@@ -9,6 +9,7 @@ from paddleseg.datasets import Dataset
 from paddleseg.transforms import Compose
 
 from emanet.data.files import list_some
+from emanet.errors import InvalidInput
 
 IMAGE_SUFFIX = '_leftImg8bit.png'
 LABEL_SUFFIX = '_gtFine_labelTrainIds.png'
@@ -65,7 +66,7 @@ class Cityscapes(Dataset):
         self.ignore_index = self.IGNORE_INDEX
         self.edge = edge
         if self.mode not in MODES:
-            raise ValueError(f"mode should be 'train', 'val' or 'test', but got {mode!r}.")
+            raise InvalidInput(f"mode should be 'train', 'val' or 'test', but got {mode!r}.")
         self.file_list = pair_images_with_labels(dataset_root, self.mode, labels_required=self.mode != 'test')
 
 

@@ -22,6 +22,7 @@ from cityscapesscripts.preparation.json2labelImg import createLabelImage
 
 from emanet.data.cityscapes import ID_TO_TRAIN_ID, LABEL_SUFFIX
 from emanet.data.files import convert_all, is_up_to_date, write_png_atomically
+from emanet.errors import InvalidInput
 
 LABEL_IDS_SUFFIX = '_gtFine_labelIds.png'
 POLYGONS_SUFFIX = '_gtFine_polygons.json'
@@ -49,7 +50,7 @@ def make_train_ids(dataset_root, splits=SPLITS, workers=None, source='auto'):
             where a split has them and the polygons elsewhere.
     """
     if source not in SOURCES:
-        raise ValueError(f"source should be one of {SOURCES}, but got {source!r}.")
+        raise InvalidInput(f"source should be one of {SOURCES}, but got {source!r}.")
     inputs = [path for split in splits for path in _annotations(dataset_root, split, source)]
     tasks = [(path, _train_ids_path(path)) for path in inputs]
     return ConversionCounts(*convert_all(_write_train_ids, tasks, workers, 'Cityscapes trainIds'))
@@ -89,7 +90,7 @@ def _write_train_ids(task):
 def _read_label_ids(path):
     label_ids = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if label_ids is None or label_ids.ndim != 2 or label_ids.dtype != np.uint8:
-        raise ValueError(f'{path} is not a single-channel 8-bit PNG of Cityscapes label ids.')
+        raise InvalidInput(f'{path} is not a single-channel 8-bit PNG of Cityscapes label ids.')
     return label_ids
 
 
@@ -99,4 +100,4 @@ def _render_polygons(path):
     try:
         return np.asarray(createLabelImage(annotation, 'trainIds'))
     except SystemExit:  # cityscapesscripts ends the process on a label missing from its table
-        raise ValueError(f'{path} has a polygon whose label is not in the Cityscapes label table.') from None
+        raise InvalidInput(f'{path} has a polygon whose label is not in the Cityscapes label table.') from None

@@ -21,6 +21,7 @@ from PIL import Image
 from scipy.io import loadmat
 
 from emanet.data.files import convert_all, is_up_to_date, require_files, write_png_atomically
+from emanet.errors import InvalidInput
 from emanet.logger import logger
 
 VOC_URL = 'http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar'
@@ -118,7 +119,7 @@ def _write_class_indices(task):
 def _read_sbd_segmentation(path):
     ground_truth = loadmat(path, squeeze_me=True, struct_as_record=False).get('GTcls')
     if not hasattr(ground_truth, 'Segmentation'):
-        raise ValueError(f'{path} has no GTcls.Segmentation: it is not an SBD dataset/cls file.')
+        raise InvalidInput(f'{path} has no GTcls.Segmentation: it is not an SBD dataset/cls file.')
     return np.asarray(ground_truth.Segmentation, np.uint8)
 
 
@@ -126,7 +127,7 @@ def _read_voc_segmentation(path):
     with Image.open(path) as label:
         # In VOC's paletted PNGs the palette index is the class; the colours are only for viewing.
         if label.mode not in ('P', 'L'):
-            raise ValueError(f'{path} is a {label.mode} image, not a paletted PNG of class indices.')
+            raise InvalidInput(f'{path} is a {label.mode} image, not a paletted PNG of class indices.')
         return np.array(label)
 
 

@@ -5,6 +5,7 @@ from paddleseg.datasets import Dataset
 from paddleseg.transforms import Compose
 
 from emanet.data.prepare_voc import HOW_TO_PREPARE, PREPARE_COMMAND, read_names, require_files
+from emanet.errors import InvalidInput
 
 # The list files of each mode, and the folder holding the labels of each list.
 LISTS_OF_MODE = {
@@ -61,7 +62,7 @@ class PascalVOC(Dataset):
         self.ignore_index = self.IGNORE_INDEX
         self.edge = edge
         if self.mode not in LISTS_OF_MODE:
-            raise ValueError(f"mode should be one of {tuple(LISTS_OF_MODE)}, but got {mode!r}.")
+            raise InvalidInput(f"mode should be one of {tuple(LISTS_OF_MODE)}, but got {mode!r}.")
         self.file_list = list_voc_files(dataset_root, self.mode)
 
 

@@ -17,6 +17,7 @@ import paddle.nn.functional as F
 import yaml
 
 from emanet.deploy.legacy_program import legacy_operators, writes_legacy_program
+from emanet.errors import InvalidInput
 from emanet.logger import drop_stderr_lines, ignore_warnings, logger
 
 OUTPUT_OPS = ('argmax', 'softmax', 'none')
@@ -138,10 +139,10 @@ def export_model(model, save_dir, transforms_cfg, input_shape=None, output_op='a
         The path of deploy.yaml.
     """
     if output_op not in OUTPUT_OPS:
-        raise ValueError(f"output_op must be one of {', '.join(OUTPUT_OPS)}, got '{output_op}'")
+        raise InvalidInput(f"output_op must be one of {', '.join(OUTPUT_OPS)}, got '{output_op}'")
     shape = [None, 3, None, None] if input_shape is None else [int(v) for v in input_shape]
     if len(shape) != 4 or shape[1] != 3:
-        raise ValueError(f"input_shape must be N 3 H W, got {' '.join(map(str, input_shape))}")
+        raise InvalidInput(f"input_shape must be N 3 H W, got {' '.join(map(str, input_shape))}")
     os.makedirs(save_dir, exist_ok=True)
     legacy = writes_legacy_program()
     with _traceable(model), (legacy_operators() if legacy else contextlib.nullcontext()):
@@ -189,7 +190,7 @@ def read_deploy_config(path):
         deploy = (yaml.safe_load(f) or {}).get('Deploy')
     required = ('model', 'transforms', 'output_op')
     if not isinstance(deploy, dict) or any(key not in deploy for key in required):
-        raise ValueError(f"{path}: not a deploy config; expected a 'Deploy' section with "
+        raise InvalidInput(f"{path}: not a deploy config; expected a 'Deploy' section with "
                          f"{', '.join(required)}")
     folder = os.path.dirname(os.path.abspath(path))
     files = [key for key in ('model', 'params') if deploy.get(key)]  # an ONNX model has no params file

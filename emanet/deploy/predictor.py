@@ -7,6 +7,7 @@ from paddle import inference
 from paddle.base import core
 
 from emanet.deploy.export import read_deploy_config
+from emanet.errors import InvalidInput, Unsupported
 from emanet.runtime import launcher_gpu_id, parse_device
 from emanet.segmenter import Segmenter, build_transforms, undo_transforms
 
@@ -26,9 +27,9 @@ def inference_config(model_file, params_file, device='cpu', precision='fp32', cp
     """
     kind, gpu_id = parse_device(device)
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+        raise InvalidInput(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
     if kind == 'gpu' and not paddle.is_compiled_with_cuda():
-        raise RuntimeError("device 'gpu' needs PaddlePaddle built with CUDA; this one is CPU-only")
+        raise Unsupported("device 'gpu' needs PaddlePaddle built with CUDA; this one is CPU-only")
     config = inference.Config(model_file, params_file)
     config.disable_glog_info()
     return configure(config, kind, gpu_id, precision, cpu_threads)
@@ -42,7 +43,7 @@ def configure(config, kind, gpu_id, precision, cpu_threads=None):
     config.delete_pass('inplace_pass')
     if kind == 'gpu':
         if precision == 'bf16':
-            raise ValueError("bf16 runs on CPU only (oneDNN); on GPU use fp16 or fp32")
+            raise InvalidInput("bf16 runs on CPU only (oneDNN); on GPU use fp16 or fp32")
         half = precision == 'fp16'
         config.enable_use_gpu(GPU_MEMORY_POOL_MB, launcher_gpu_id() if gpu_id is None else gpu_id,
                               inference.PrecisionType.Half if half else inference.PrecisionType.Float32)
@@ -50,12 +51,12 @@ def configure(config, kind, gpu_id, precision, cpu_threads=None):
             config.exp_disable_mixed_precision_ops(set(FLOAT32_OPS))
         return config
     if precision == 'fp16':
-        raise ValueError("fp16 runs on GPU only; on CPU use bf16 or fp32")
+        raise InvalidInput("fp16 runs on GPU only; on CPU use bf16 or fp32")
     config.enable_mkldnn()
     config.set_cpu_math_library_num_threads(cpu_threads or os.cpu_count())
     if precision == 'bf16':
         if not core.supports_bfloat16():
-            raise ValueError("bf16 needs a CPU with AVX-512 (oneDNN's bf16 kernels); this one has none, use fp32")
+            raise Unsupported("bf16 needs a CPU with AVX-512 (oneDNN's bf16 kernels); this one has none, use fp32")
         config.enable_mkldnn_bfloat16()
     return config
 
@@ -86,13 +87,13 @@ class ExportedSegmenter(Segmenter):
         """The model's raw output for a preprocessed batch [N, 3, h, w] (numpy or Tensor)."""
         batch = np.asarray(batch.numpy() if isinstance(batch, paddle.Tensor) else batch)
         if any(size not in (None, -1) and size != actual for size, actual in zip(self.input_shape, batch.shape)):
-            raise ValueError(f"the model was exported for input {self.input_shape}, got {list(batch.shape)} after "
+            raise InvalidInput(f"the model was exported for input {self.input_shape}, got {list(batch.shape)} after "
                              "preprocessing; add a Resize transform or export without --input_shape")
         return self.infer(np.ascontiguousarray(batch, dtype=np.float32))
 
     def logits(self, images):
         if self.output_op == 'argmax':
-            raise ValueError("this model was exported with output_op argmax: it gives labels, not scores "
+            raise InvalidInput("this model was exported with output_op argmax: it gives labels, not scores "
                              "(export with --output_op softmax or none for scores)")
         return paddle.to_tensor(self.run(images))
 
@@ -118,7 +119,7 @@ class PaddleInferenceSegmenter(ExportedSegmenter):
     def __init__(self, deploy_path, device='cpu', precision='fp32', cpu_threads=None):
         super().__init__(deploy_path)
         if precision == 'bf16' and self.deploy['model'].endswith('.pdmodel'):
-            raise ValueError("bf16 needs the model.json export: Paddle 3.3 runs a legacy model.pdmodel in fp32 "
+            raise Unsupported("bf16 needs the model.json export: Paddle 3.3 runs a legacy model.pdmodel in fp32 "
                              "only (export without --legacy_program for bf16)")
         config = inference_config(self.deploy['model'], self.deploy['params'], device, precision, cpu_threads)
         self.predictor = inference.create_predictor(config)
@@ -143,9 +144,9 @@ def load_exported(deploy_path, backend=None, device='cpu', precision='fp32', cpu
     deploy_format = read_deploy_config(deploy_path)['format']
     backend = backend or DEFAULT_BACKEND.get(deploy_format)
     if backend not in BACKEND_FORMATS:
-        raise ValueError(f"backend must be one of {', '.join(BACKEND_FORMATS)}, got '{backend}'")
+        raise InvalidInput(f"backend must be one of {', '.join(BACKEND_FORMATS)}, got '{backend}'")
     if deploy_format not in BACKEND_FORMATS[backend]:
-        raise ValueError(f"{deploy_path} holds a {deploy_format} model, which {backend} does not run; "
+        raise InvalidInput(f"{deploy_path} holds a {deploy_format} model, which {backend} does not run; "
                          f"use --backend {DEFAULT_BACKEND[deploy_format]}")
     if backend == 'paddle':
         return PaddleInferenceSegmenter(deploy_path, device=device, precision=precision, cpu_threads=cpu_threads)

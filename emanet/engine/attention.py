@@ -16,6 +16,7 @@ import paddle.nn.functional as F
 from tqdm import tqdm
 
 from emanet.engine.predict import color_map, list_images
+from emanet.errors import InvalidInput
 from emanet.models.ema_unit import em_iterations
 from emanet.segmenter import read_image, undo_transforms
 
@@ -52,7 +53,7 @@ def find_em_unit(model):
     units = [layer for layer in model.sublayers(include_self=True)
              if hasattr(layer, 'mu') and hasattr(layer, 'stage_num')]
     if not units:
-        raise ValueError(f"{type(model).__name__} has no EM attention unit (a layer with bases 'mu' and 'stage_num')")
+        raise InvalidInput(f"{type(model).__name__} has no EM attention unit (a layer with bases 'mu' and 'stage_num')")
     return units[0]
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+from emanet.errors import InvalidInput
 from emanet.segmenter import InferenceOptions, Segmenter, build_transforms
 
 
@@ -108,7 +109,7 @@ def _window_starts(length, window, step):
 def _slide_logits(model, images, crop_size, stride):
     """Run the model on overlapping windows and average the logits where windows overlap."""
     if crop_size is None or stride is None:
-        raise ValueError("sliding-window inference needs crop_size and stride, both (w, h)")
+        raise InvalidInput("sliding-window inference needs crop_size and stride, both (w, h)")
     crop_width, crop_height = crop_size
     stride_width, stride_height = stride
     height, width = images.shape[-2:]
@@ -121,7 +122,7 @@ def _slide_logits(model, images, crop_size, stride):
     for top, left, bottom, right in windows:
         count[top:bottom, left:right] += 1
     if (count == 0).any():
-        raise ValueError(f"sliding window leaves pixels uncovered: stride {tuple(stride)} is larger "
+        raise InvalidInput(f"sliding window leaves pixels uncovered: stride {tuple(stride)} is larger "
                          f"than crop_size {tuple(crop_size)}")
 
     summed = None

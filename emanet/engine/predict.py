@@ -7,6 +7,8 @@ import numpy as np
 from paddleseg.utils.visualize import get_color_map_list, get_pseudo_color_map, visualize
 from tqdm import tqdm
 
+from emanet.errors import InvalidInput
+
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 SAVE_FORMATS = ('pseudo_color', 'cityscapes')
 
@@ -64,9 +66,9 @@ def predict_images(segmenter, image_path, save_dir, palette=None, save_format='p
     as the Cityscapes evaluation server and ``cityscapesscripts`` read them.
     """
     if save_format not in SAVE_FORMATS:
-        raise ValueError(f"save_format must be one of {', '.join(SAVE_FORMATS)}, got '{save_format}'")
+        raise InvalidInput(f"save_format must be one of {', '.join(SAVE_FORMATS)}, got '{save_format}'")
     if save_format == 'cityscapes' and label_ids is None:
-        raise ValueError("save_format 'cityscapes' needs the dataset's official label ids; the config's val "
+        raise InvalidInput("save_format 'cityscapes' needs the dataset's official label ids; the config's val "
                          "dataset has none (it is not Cityscapes): use save_format pseudo_color")
     paths, root = list_images(image_path)
     colors = color_map(palette)

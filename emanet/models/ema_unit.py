@@ -4,6 +4,8 @@ import paddle.distributed as dist
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from emanet.errors import InvalidInput
+
 
 class EMAU(nn.Layer):
     """Expectation-Maximization Attention Unit.
@@ -43,7 +45,7 @@ class EMAU(nn.Layer):
     def __init__(self, channels, num_bases, stage_num=3, momentum=0.1):
         super().__init__()
         if stage_num < 1:
-            raise ValueError(f"stage_num must be >= 1, got {stage_num}")
+            raise InvalidInput(f"stage_num must be >= 1, got {stage_num}")
         self.channels = channels
         self.num_bases = num_bases
         self.stage_num = stage_num

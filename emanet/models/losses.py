@@ -7,6 +7,8 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from emanet.errors import InvalidInput
+
 EPS = 1e-8
 
 
@@ -47,7 +49,7 @@ class CrossEntropyLoss(nn.Layer):
         if self.data_format == 'NHWC':
             logit = logit.transpose([0, 3, 1, 2])
         if self.weight is not None and len(self.weight) != logit.shape[1]:
-            raise ValueError(f"CrossEntropyLoss has {len(self.weight)} class weights but the model "
+            raise InvalidInput(f"CrossEntropyLoss has {len(self.weight)} class weights but the model "
                              f"predicts {logit.shape[1]} classes")
         label = _as_label(label)
         loss = _per_pixel_cross_entropy(logit, label, self.ignore_index, self.weight)  # [N, H, W]

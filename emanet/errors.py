@@ -1,0 +1,19 @@
+"""The one mark of an error that the person running a tool can fix.
+
+A ``UserError`` says in one sentence which file, URL, flag, config key or package to fix; the
+tools print that sentence alone (``tools/cli.py``). Every other exception is a bug, and keeps
+its traceback. The package's own error classes derive from it and from the built-in class that
+fits (``ValueError``, ``RuntimeError``...), so code catching the built-in class still works.
+"""
+
+
+class UserError(Exception):
+    """An error the user can fix; its message names the file, URL, flag or key at fault."""
+
+
+class InvalidInput(UserError, ValueError):
+    """A value given by the user (a flag, an argument, a file's content) that cannot be used."""
+
+
+class Unsupported(UserError, RuntimeError):
+    """What was asked needs something this machine or installation does not have (a GPU, a package)."""
