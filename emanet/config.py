@@ -3,6 +3,11 @@
 Mistakes in a config end in one ``ConfigError`` that names the file and the key,
 with the closest known name, before any training time is spent. Training needs the whole
 config; export, evaluation and prediction need only ``model`` and ``val_dataset``.
+
+A config may come from someone else: it is read with YAML's safe loader (PaddleSeg's own
+reader uses ``FullLoader``, which can build Python objects), its ``_base_`` chain is followed
+with cycles and missing files named, and a config whose aliases would expand into a huge tree
+(a "billion laughs" file) is refused before anything walks it.
 """
 import contextlib
 import difflib
@@ -13,10 +18,12 @@ import tempfile
 
 import yaml
 from paddleseg.cvlibs import Config, SegBuilder, config_checker, manager
+from paddleseg.cvlibs.config import merge_config_dicts
 from paddleseg.utils import logger as paddleseg_logger
 from paddleseg.utils.utils import CachedProperty as cached_property
 
 from emanet.checkpoint import load_weights
+from emanet.errors import UserError
 
 
 TOP_LEVEL_KEYS = ('batch_size', 'iters', 'train_dataset', 'val_dataset', 'optimizer', 'lr_scheduler',
@@ -24,9 +31,14 @@ TOP_LEVEL_KEYS = ('batch_size', 'iters', 'train_dataset', 'val_dataset', 'optimi
                   '_base_', '_inherited_')
 TRAINING_KEYS = ('batch_size', 'iters', 'train_dataset', 'optimizer', 'lr_scheduler', 'loss', 'model')
 INFERENCE_KEYS = ('model', 'val_dataset')
+BASE_KEY = '_base_'
+# More values than any real config holds (the published ones have a few hundred), counted with
+# YAML aliases expanded, as PaddleSeg's merging and printing would expand them.
+MAX_CONFIG_VALUES = 100_000
+MAX_BASE_DEPTH = 32
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file is missing, malformed, or names a key or type that does not exist."""
 
 
@@ -66,12 +78,12 @@ class _Checks:
     def apply_all_rules(self, cfg):
         unknown = [key for key in cfg.dic if key not in TOP_LEVEL_KEYS]
         if unknown:
-            raise ConfigError(f"unknown key '{unknown[0]}'{closest(unknown[0], TOP_LEVEL_KEYS)}")
+            raise ConfigError(f"{cfg.path}: unknown key '{unknown[0]}'{closest(unknown[0], TOP_LEVEL_KEYS)}")
         required = TRAINING_KEYS if self.training else INFERENCE_KEYS
         missing = [key for key in required if key not in cfg.dic]
         if missing:
             needs = 'training needs' if self.training else 'export, evaluation and prediction need'
-            raise ConfigError(f"missing key '{missing[0]}' ({needs} {', '.join(required)})")
+            raise ConfigError(f"{cfg.path}: missing key '{missing[0]}' ({needs} {', '.join(required)})")
         if self.training:
             rules = Config._build_default_checker().rule_list
         elif 'train_dataset' in cfg.dic:
@@ -80,6 +92,72 @@ class _Checks:
             rules = []
         for rule in rules:
             rule.apply(cfg, allow_update=True)
+
+
+def read_yaml_with_bases(path, inherited_by=()):
+    """The dict of the YAML file ``path`` merged over its ``_base_`` files, as PaddleSeg merges them.
+
+    ``inherited_by``: the files that named this one as their base, for the messages.
+    """
+    path = os.path.normpath(path)
+    if not os.path.isfile(path):
+        if inherited_by:
+            raise ConfigError(f"{inherited_by[-1]}: its _base_ file {path} does not exist")
+        raise ConfigError(f"config file not found: {path}")
+    chain = [os.path.realpath(name) for name in inherited_by]
+    if os.path.realpath(path) in chain:
+        cycle = ' -> '.join([*inherited_by[chain.index(os.path.realpath(path)):], path])
+        raise ConfigError(f"{path}: its _base_ files form a cycle ({cycle})")
+    if len(inherited_by) >= MAX_BASE_DEPTH:
+        raise ConfigError(f"{path}: more than {MAX_BASE_DEPTH} levels of _base_ files")
+    try:
+        with open(path, encoding='utf-8') as f:
+            dic = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (YAML is UTF-8 text)") from None
+    if dic is None:
+        dic = {}
+    if not isinstance(dic, dict):
+        raise ConfigError(f"{path}: a config is a mapping of keys (model, train_dataset, ...), "
+                          f"this file holds a {type(dic).__name__}")
+    if _expanded_size(dic) > MAX_CONFIG_VALUES:
+        raise ConfigError(f"{path}: its aliases expand to more than {MAX_CONFIG_VALUES} values; refused")
+    bases = dic.pop(BASE_KEY, [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(base, str) for base in bases):
+        raise ConfigError(f"{path}: _base_ must be a file name or a list of file names")
+    for base in bases:
+        base_dic = read_yaml_with_bases(os.path.join(os.path.dirname(path), base), (*inherited_by, path))
+        dic = merge_config_dicts(dic, base_dic)
+    return dic
+
+
+def _expanded_size(value, limit=MAX_CONFIG_VALUES):
+    """How many values ``value`` holds with shared (aliased) parts counted each time; stops past ``limit``."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return count
+
+
+class _SafeConfig(Config):
+    """PaddleSeg's Config, reading YAML with ``read_yaml_with_bases``; ``path`` names the file in errors."""
+
+    def __init__(self, path, *args, **kwargs):
+        self.path = path
+        super().__init__(path, *args, **kwargs)
+
+    @classmethod
+    def _parse_from_yaml(cls, path, *args, **kwargs):
+        return read_yaml_with_bases(path)
 
 
 def load_config(path, learning_rate=None, batch_size=None, iters=None, opts=None, training=True):
@@ -91,13 +169,12 @@ def load_config(path, learning_rate=None, batch_size=None, iters=None, opts=None
         raise ConfigError(f"config file not found: {path}")
     try:
         with paddleseg_errors_only():
-            cfg = Config(path, learning_rate=learning_rate, batch_size=batch_size, iters=iters, opts=opts,
-                         checker=_Checks(training))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+            cfg = _SafeConfig(path, learning_rate=learning_rate, batch_size=batch_size, iters=iters, opts=opts,
+                              checker=_Checks(training))
+    except ConfigError:
+        raise
     except (AssertionError, RuntimeError, ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"{path}: {str(err).strip()}") from None
-    cfg.path = path
     return cfg
 
 

@@ -106,3 +106,41 @@ def test_without_training_model_and_val_dataset_are_enough(tiny_config):
     with pytest.raises(ConfigError, match=r"missing key 'val_dataset' \(export, evaluation and prediction "
                                           r"need model, val_dataset\)"):
         load_config(_without(path, 'val_dataset'), training=False)
+
+
+def test_a_base_that_does_not_exist_is_named_with_the_file_naming_it(tmp_path):
+    (tmp_path / 'child.yml').write_text('_base_: ../nowhere/base.yml\nbatch_size: 2\n')
+    with pytest.raises(ConfigError, match=r"child\.yml: its _base_ file .*nowhere/base\.yml does not exist"):
+        load_config(str(tmp_path / 'child.yml'))
+
+
+def test_a_cycle_of_bases_is_named_file_by_file(tmp_path):
+    (tmp_path / 'a.yml').write_text('_base_: b.yml\nbatch_size: 2\n')
+    (tmp_path / 'b.yml').write_text('_base_: [c.yml]\n')
+    (tmp_path / 'c.yml').write_text('_base_: ./a.yml\n')
+    with pytest.raises(ConfigError, match=r"a\.yml: its _base_ files form a cycle "
+                                          r"\(.*a\.yml -> .*b\.yml -> .*c\.yml -> .*a\.yml\)"):
+        load_config(str(tmp_path / 'a.yml'))
+
+
+def test_a_config_cannot_build_python_objects(tmp_path):
+    victim = tmp_path / 'pwned'
+    (tmp_path / 'evil.yml').write_text(f'model: !!python/object/apply:os.system ["touch {victim}"]\n')
+    with pytest.raises(ConfigError, match=r"evil\.yml: not valid YAML .*python/object/apply"):
+        load_config(str(tmp_path / 'evil.yml'))
+    assert not victim.exists()
+
+
+def test_aliases_that_would_expand_to_billions_of_values_are_refused(tmp_path):
+    lines = ['a0: &a0 [1, 2, 3, 4, 5, 6, 7, 8, 9]']
+    lines += [f'a{i}: &a{i} [{", ".join([f"*a{i - 1}"] * 9)}]' for i in range(1, 9)]  # 9^9 values
+    (tmp_path / 'laughs.yml').write_text('\n'.join(lines) + '\n')
+    with pytest.raises(ConfigError, match=r"laughs\.yml: its aliases expand to more than 100000 values"):
+        load_config(str(tmp_path / 'laughs.yml'))
+
+
+@pytest.mark.parametrize('content, found', [('- a\n- b\n', 'list'), ('just words\n', 'str')])
+def test_a_config_that_is_not_a_mapping_is_named(tmp_path, content, found):
+    (tmp_path / 'odd.yml').write_text(content)
+    with pytest.raises(ConfigError, match=rf"odd\.yml: a config is a mapping of keys .*this file holds a {found}"):
+        load_config(str(tmp_path / 'odd.yml'))
