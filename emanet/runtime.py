@@ -19,6 +19,7 @@ import paddle
 import paddle.distributed as dist
 from paddle.base import core
 
+from emanet.errors import InvalidInput, Unsupported
 from emanet.logger import logger
 
 # mallopt() parameters, from glibc's malloc.h.
@@ -42,7 +43,7 @@ def parse_device(device):
         return 'cpu', None
     if kind == 'gpu' and (not colon or number.isdigit()):
         return 'gpu', int(number) if colon else None
-    raise ValueError(f"device must be 'cpu', 'gpu' or 'gpu:N' (N a GPU number), got '{device}'")
+    raise InvalidInput(f"device must be 'cpu', 'gpu' or 'gpu:N' (N a GPU number), got '{device}'")
 
 
 def launcher_gpu_id():
@@ -59,7 +60,7 @@ def set_device(device, cpu_threads=None, tune_allocator=True):
     """
     kind, number = parse_device(device)
     if kind == 'gpu' and not paddle.is_compiled_with_cuda():
-        raise RuntimeError("--device gpu needs paddlepaddle-gpu; this Paddle is a CPU build "
+        raise Unsupported("--device gpu needs paddlepaddle-gpu; this Paddle is a CPU build "
                            "(install paddlepaddle-gpu, or use --device cpu)")
     if kind == 'gpu' and number is None and dist.get_world_size() > 1:
         device = f'gpu:{launcher_gpu_id()}'
@@ -80,26 +81,44 @@ def set_device(device, cpu_threads=None, tune_allocator=True):
 _fast_mkl_applied = False
 
 
-def cpu_vendor():
-    """The CPU's vendor id from /proc/cpuinfo ('GenuineIntel', 'AuthenticAMD', ...), or None."""
+def cpu_info():
+    """(vendor id, feature flags) of the CPU from /proc/cpuinfo: ('AuthenticAMD', {'avx2', ...}),
+    or (None, set()) where there is none."""
+    vendor, flags = None, set()
     try:
         with open('/proc/cpuinfo') as f:
             for line in f:
-                if line.startswith('vendor_id'):
-                    return line.split(':', 1)[1].strip()
+                key, _, value = line.partition(':')
+                key = key.strip()
+                if key == 'vendor_id' and vendor is None:
+                    vendor = value.strip()
+                elif key == 'flags' and not flags:
+                    flags = set(value.split())
+                if vendor is not None and flags:
+                    break
     except OSError:
         pass
-    return None
+    return vendor, flags
 
 
-def use_fast_mkl_on_amd(vendor=None):
-    """On an AMD CPU, let MKL take its AVX2 code path unless the user set MKL_DEBUG_CPU_TYPE.
+def cpu_vendor():
+    """The CPU's vendor id ('GenuineIntel', 'AuthenticAMD', ...), or None."""
+    return cpu_info()[0]
 
+
+def use_fast_mkl_on_amd(vendor=None, flags=None):
+    """On an AMD CPU with AVX2, let MKL take its AVX2 code path unless the user set MKL_DEBUG_CPU_TYPE.
+
+    Without AVX2 MKL's AVX2 kernels would die on an illegal instruction, so nothing is set there.
     Must run before Paddle's first matrix product; ``import emanet`` calls it. Returns True when
     this call set the variable.
     """
     global _fast_mkl_applied
-    if MKL_CPU_TYPE_VARIABLE in os.environ or (vendor or cpu_vendor()) != 'AuthenticAMD':
+    if vendor is None or flags is None:
+        found_vendor, found_flags = cpu_info()
+        vendor = found_vendor if vendor is None else vendor
+        flags = found_flags if flags is None else flags
+    if MKL_CPU_TYPE_VARIABLE in os.environ or vendor != 'AuthenticAMD' or 'avx2' not in flags:
         return False
     os.environ[MKL_CPU_TYPE_VARIABLE] = MKL_AVX2_CPU_TYPE
     _fast_mkl_applied = True

@@ -55,12 +55,15 @@ def test_gpu_on_a_cpu_build_is_one_clear_error():
 def test_amd_cpus_get_mkls_fast_path_unless_the_user_chose(monkeypatch):
     monkeypatch.delenv(runtime.MKL_CPU_TYPE_VARIABLE, raising=False)
     monkeypatch.setattr(runtime, '_fast_mkl_applied', False)
-    assert runtime.use_fast_mkl_on_amd(vendor='GenuineIntel') is False
+    assert runtime.use_fast_mkl_on_amd(vendor='GenuineIntel', flags={'avx2'}) is False
     assert runtime.MKL_CPU_TYPE_VARIABLE not in os.environ
-    assert runtime.use_fast_mkl_on_amd(vendor='AuthenticAMD') is True
+    # An AMD CPU without AVX2 (MKL's AVX2 kernels would end the process with SIGILL there).
+    assert runtime.use_fast_mkl_on_amd(vendor='AuthenticAMD', flags={'sse4_2', 'avx'}) is False
+    assert runtime.MKL_CPU_TYPE_VARIABLE not in os.environ
+    assert runtime.use_fast_mkl_on_amd(vendor='AuthenticAMD', flags={'avx', 'avx2'}) is True
     assert os.environ[runtime.MKL_CPU_TYPE_VARIABLE] == '5'
     monkeypatch.setenv(runtime.MKL_CPU_TYPE_VARIABLE, '2')
-    assert runtime.use_fast_mkl_on_amd(vendor='AuthenticAMD') is False
+    assert runtime.use_fast_mkl_on_amd(vendor='AuthenticAMD', flags={'avx2'}) is False
     assert os.environ[runtime.MKL_CPU_TYPE_VARIABLE] == '2'
 
 
@@ -68,7 +71,8 @@ def test_import_emanet_sets_the_fast_path_on_this_cpu_if_it_is_amd():
     env = {k: v for k, v in os.environ.items() if k != runtime.MKL_CPU_TYPE_VARIABLE}
     probe = "import os, emanet; print(os.environ.get('MKL_DEBUG_CPU_TYPE'))"
     result = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, env=env, check=True)
-    expected = '5' if runtime.cpu_vendor() == 'AuthenticAMD' else 'None'
+    vendor, flags = runtime.cpu_info()
+    expected = '5' if vendor == 'AuthenticAMD' and 'avx2' in flags else 'None'
     assert result.stdout.split()[-1] == expected
 
 

@@ -6,7 +6,8 @@ Both are optional (``pip install -r requirements-deploy.txt``); they run on CPU.
 import os
 
 from emanet.deploy.predictor import ExportedSegmenter
-from emanet.runtime import parse_device
+from emanet.errors import InvalidInput, Unsupported
+from emanet.runtime import cpu_info, parse_device
 
 DEPLOY_EXTRA = 'pip install -r requirements-deploy.txt'
 
@@ -16,24 +17,17 @@ def require(module, purpose):
     try:
         return __import__(module)
     except ImportError:
-        raise RuntimeError(f"{purpose} needs the '{module}' package: {DEPLOY_EXTRA}") from None
+        raise Unsupported(f"{purpose} needs the '{module}' package: {DEPLOY_EXTRA}") from None
 
 
 def _cpu_only(device, backend):
     if parse_device(device)[0] != 'cpu':
-        raise ValueError(f"{backend} runs here on CPU only; on a GPU use --backend paddle with a Paddle export")
+        raise Unsupported(f"{backend} runs here on CPU only; on a GPU use --backend paddle with a Paddle export")
 
 
 def cpu_flags():
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('flags'):
-                    return set(line.split(':', 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    """The CPU's feature flags (empty where /proc/cpuinfo is missing)."""
+    return cpu_info()[1]
 
 
 def has_fast_bf16(flags=None):
@@ -51,7 +45,7 @@ class OnnxRuntimeSegmenter(ExportedSegmenter):
         super().__init__(deploy_path)
         _cpu_only(device, self.backend)
         if precision != 'fp32':
-            raise ValueError(f"ONNX Runtime runs this model in fp32 only, got --precision {precision}; "
+            raise InvalidInput(f"ONNX Runtime runs this model in fp32 only, got --precision {precision}; "
                              "for bf16 or int8 use --backend openvino")
         ort = require('onnxruntime', 'ONNX Runtime inference')
         options = ort.SessionOptions()
@@ -77,9 +71,9 @@ class OpenVINOSegmenter(ExportedSegmenter):
         super().__init__(deploy_path)
         _cpu_only(device, self.backend)
         if precision not in self.PRECISION_HINTS:
-            raise ValueError(f"OpenVINO runs fp32 or bf16 (an int8 export is int8 either way), got '{precision}'")
+            raise InvalidInput(f"OpenVINO runs fp32 or bf16 (an int8 export is int8 either way), got '{precision}'")
         if precision == 'bf16' and not has_fast_bf16():
-            raise ValueError("bf16 needs a CPU with AVX-512 bf16 or AMX; this one has neither, use fp32")
+            raise Unsupported("bf16 needs a CPU with AVX-512 bf16 or AMX; this one has neither, use fp32")
         ov = require('openvino', 'OpenVINO inference')
         config = {'INFERENCE_PRECISION_HINT': self.PRECISION_HINTS[precision]}
         if cpu_threads:
