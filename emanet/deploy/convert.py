@@ -6,20 +6,24 @@
   calibrated on images of the training set).
 
 ``export_checked`` runs the export and the dygraph model on the same images and refuses to
-finish (removing what it wrote) when their labels agree less than the precision allows: a
-conversion bug (paddle2onnx has misread float attributes such as BatchNorm's epsilon) never
-reaches a user.
+finish when their labels agree less than the precision allows: a conversion bug (paddle2onnx has
+misread float attributes such as BatchNorm's epsilon) never reaches a user. The export is written
+into a fresh folder beside ``save_dir`` and moved into place only once it passes, so a failed
+export leaves ``save_dir`` as it was; a ``save_dir`` holding anything but an earlier export is
+refused before any work (``--save_dir output`` must never touch a training run's checkpoints).
 """
+import contextlib
 import os
 import shutil
 import tempfile
 
 import paddle
 
-from emanet.deploy.export import export_model, read_deploy_config, write_deploy_config
+from emanet.deploy.export import DEPLOY_FILE, MODEL_PREFIX, export_model, read_deploy_config, write_deploy_config
 from emanet.deploy.predictor import load_exported
 from emanet.deploy.runtimes import require
 from emanet.engine.evaluate import evaluate
+from emanet.errors import InvalidInput, UserError
 from emanet.logger import logger
 from emanet.segmenter import build_transforms, read_image
 
@@ -29,8 +33,67 @@ ONNX_OPSET = 17
 MIN_AGREEMENT = {'fp32': 0.9999, 'int8': 0.95}
 
 
-class ExportCheckError(RuntimeError):
+class ExportCheckError(UserError, RuntimeError):
     """An export's labels differ from the dygraph model's; the message gives the share."""
+
+
+class ExportFolderError(UserError, ValueError):
+    """``save_dir`` holds files that are not an earlier export's: the export will not write there."""
+
+
+# The files an export of any format writes; a folder holding only these (and deploy.yaml) is an earlier export.
+EXPORT_FILES = {DEPLOY_FILE} | {f'{MODEL_PREFIX}.{suffix}' for suffix in
+                                ('json', 'pdmodel', 'pdiparams', 'pdiparams.info', 'onnx', 'xml', 'bin')}
+
+
+def check_export_folder(save_dir):
+    """Refuse a ``save_dir`` that exists and holds anything but an earlier export, in one sentence."""
+    if not os.path.exists(save_dir):
+        return
+    if not os.path.isdir(save_dir):
+        raise ExportFolderError(f"--save_dir {save_dir} is a file, not a folder")
+    names = sorted(os.listdir(save_dir))
+    foreign = [name for name in names
+               if not (name in EXPORT_FILES and os.path.isfile(os.path.join(save_dir, name)))]
+    if names and (foreign or DEPLOY_FILE not in names):
+        shown = ', '.join((foreign or names)[:3]) + (' ...' if len(foreign or names) > 3 else '')
+        raise ExportFolderError(f"--save_dir {save_dir} is not empty and is not an earlier export (it holds "
+                                f"{shown}); give a new or empty folder, the export replaces only an earlier export")
+
+
+@contextlib.contextmanager
+def staged_folder(save_dir):
+    """A new, empty folder beside ``save_dir`` to write into; ``publish`` moves it into place.
+
+    If the block fails or is not published, the staging folder (which this process created) is
+    removed and ``save_dir`` is untouched.
+    """
+    save_dir = os.path.abspath(save_dir)
+    parent = os.path.dirname(save_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(save_dir)}.', suffix='.part', dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; an export folder is an ordinary one
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish(staging, save_dir):
+    """Move the checked export ``staging`` to ``save_dir``; an earlier export there is replaced
+    (its files are export files only, see ``check_export_folder``)."""
+    check_export_folder(save_dir)  # again: the folder may have changed while the export ran
+    previous = None
+    if os.path.isdir(save_dir):
+        previous = tempfile.mkdtemp(prefix=f'.{os.path.basename(save_dir)}.', suffix='.old',
+                                    dir=os.path.dirname(os.path.abspath(save_dir)))
+        os.rmdir(previous)
+        os.replace(save_dir, previous)
+    os.replace(staging, save_dir)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
 
 
 def to_onnx(paddle_dir, save_dir):
@@ -107,32 +170,35 @@ def export_checked(model, save_dir, transforms_cfg, check_images, export_format=
         or None without ``val_dataset``).
     """
     if export_format not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got '{export_format}'")
+        raise InvalidInput(f"format must be one of {', '.join(FORMATS)}, got '{export_format}'")
     if calibration is not None and export_format != 'openvino':
-        raise ValueError("int8 quantization is made for OpenVINO: use --format openvino")
+        raise InvalidInput("int8 quantization is made for OpenVINO: use --format openvino")
     quantization = 'int8' if calibration is not None else 'fp32'
     min_agreement = MIN_AGREEMENT[quantization] if min_agreement is None else min_agreement
-    with tempfile.TemporaryDirectory(prefix='emanet_export_') as work:
-        paddle_dir = save_dir if export_format == 'paddle' else os.path.join(work, 'paddle')
-        path = export_model(model, paddle_dir, transforms_cfg, input_shape=input_shape, output_op=output_op)
+    if not check_images:
+        raise ValueError("export_checked needs at least one image to check the export on")
+    check_export_folder(save_dir)
+    with staged_folder(save_dir) as staging, tempfile.TemporaryDirectory(prefix='emanet_export_') as work:
+        paddle_dir = staging if export_format == 'paddle' else os.path.join(work, 'paddle')
+        export_model(model, paddle_dir, transforms_cfg, input_shape=input_shape, output_op=output_op)
         if export_format != 'paddle':
-            onnx_dir = save_dir if export_format == 'onnx' else os.path.join(work, 'onnx')
-            path = to_onnx(paddle_dir, onnx_dir)
+            onnx_dir = staging if export_format == 'onnx' else os.path.join(work, 'onnx')
+            to_onnx(paddle_dir, onnx_dir)
             if export_format == 'openvino':
-                path = to_openvino(onnx_dir, save_dir, calibration)
-        agreement = label_agreement(load_exported(save_dir), model, check_images)
+                to_openvino(onnx_dir, staging, calibration)
+        agreement = label_agreement(load_exported(staging), model, check_images)
         if agreement < min_agreement:
-            shutil.rmtree(save_dir, ignore_errors=True)
             raise ExportCheckError(f"the {export_format} {quantization} export labels {agreement:.4%} of the pixels "
                                    f"as the dygraph model does on {len(check_images)} images, below "
-                                   f"{min_agreement:.2%}; it was removed")
+                                   f"{min_agreement:.2%}; it was not written to {save_dir}")
         logger.info("Checked the %s %s export against the dygraph model: %.4f%% of the labels equal on %d images",
                     export_format, quantization, agreement * 100, len(check_images))
         miou = None
         if calibration is not None and val_dataset is not None:
             miou = {precision: evaluate(load_exported(folder, backend='openvino'), val_dataset,
                                         note=f'OpenVINO {precision}')['miou']
-                    for precision, folder in (('fp32', onnx_dir), ('int8', save_dir))}
+                    for precision, folder in (('fp32', onnx_dir), ('int8', staging))}
             logger.info("int8 quantization: mIoU %.4f against %.4f in fp32 (%+.4f) on %d val images",
                         miou['int8'], miou['fp32'], miou['int8'] - miou['fp32'], len(val_dataset))
-    return path, agreement, miou
+        publish(staging, save_dir)
+    return os.path.join(save_dir, DEPLOY_FILE), agreement, miou

@@ -164,3 +164,43 @@ def test_export_and_infer_tools_end_to_end(tiny_config, tiny_dataset, tmp_path, 
         assert (tmp_path / 'out' / 'added_prediction' / f'{name}.jpg').is_file()
     with pytest.raises(ValueError, match=r'exported for input \[1, 3, 64, 96\]'):
         predictor.predict(images[1])
+
+
+def folder_contents(folder):
+    """Every file under ``folder`` with its bytes."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob('*')) if path.is_file()}
+
+
+def test_an_export_that_fails_its_check_leaves_the_earlier_export_untouched(tmp_path, images):
+    from emanet.deploy.convert import ExportCheckError, export_checked, preprocessed_images
+    check = preprocessed_images(images, TRANSFORMS)
+    save_dir = tmp_path / 'inference'
+    export_checked(tiny_emanet(), str(save_dir), TRANSFORMS, check)
+    before = folder_contents(save_dir)
+    assert sorted(before) == ['deploy.yaml', 'model.json', 'model.pdiparams']
+
+    paddle.seed(7)
+    other = EMANet(NUM_CLASSES, ResNet18_vd(output_stride=8), ema_channels=16, gc_channels=16, num_bases=8)
+    with pytest.raises(ExportCheckError, match=rf'below 101\.00%; it was not written to {save_dir}'):
+        export_checked(other, str(save_dir), TRANSFORMS, check, min_agreement=1.01)  # no export can pass
+    assert folder_contents(save_dir) == before
+    assert sorted(os.listdir(tmp_path)) == ['inference']  # no staging folder left beside it
+
+    export_checked(other, str(save_dir), TRANSFORMS, check, output_op='softmax')  # a passing one replaces it
+    assert read_deploy_config(str(save_dir))['output_op'] == 'softmax'
+    assert sorted(os.listdir(tmp_path)) == ['inference']
+
+
+def test_a_folder_that_is_not_an_export_is_refused_before_any_work(tmp_path, images, monkeypatch):
+    from emanet.deploy import convert
+    run = tmp_path / 'output'  # a training run's folder, as `--save_dir output` would name it
+    (run / 'iter_2').mkdir(parents=True)
+    (run / 'iter_2' / 'model.pdparams').write_bytes(b'weights of a long training run')
+    (run / 'config.yml').write_text('batch_size: 2\n')
+    before = folder_contents(run)
+    monkeypatch.setattr(convert, 'export_model', lambda *args, **kwargs: pytest.fail('the export started'))
+    with pytest.raises(convert.ExportFolderError, match=rf'--save_dir {run} is not empty and is not an earlier '
+                                                        r'export \(it holds config\.yml, iter_2\)'):
+        convert.export_checked(tiny_emanet(), str(run), TRANSFORMS, convert.preprocessed_images(images, TRANSFORMS))
+    assert folder_contents(run) == before
+    assert sorted(os.listdir(tmp_path)) == ['output']
