@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from emanet.data.loading import EvalSamples, batches, collate_one, raise_if_error
 from emanet.engine.distributed import process_share
-from emanet.engine.metrics import SegMetrics, format_report
+from emanet.engine.metrics import SegMetrics, format_report, json_ready
 from emanet.logger import logger
 
 
@@ -48,5 +48,5 @@ def report_metrics(metrics, save_json=None, **extra):
     logger.info("%s", format_report(result))
     if save_json and dist.get_rank() == 0:
         with open(save_json, 'w') as f:
-            json.dump(result, f, indent=2)
+            json.dump(json_ready(result), f, indent=2, allow_nan=False)
     return result

@@ -10,6 +10,7 @@ import numpy as np
 import paddle
 
 from emanet.engine.distributed import sum_over_processes
+from emanet.errors import InvalidInput
 
 
 def confusion_matrix(pred, label, num_classes, ignore_index=255):
@@ -52,7 +53,7 @@ class SegMetrics:
 
     def __init__(self, num_classes, ignore_index=255, class_names=None):
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class names given for {num_classes} classes")
+            raise InvalidInput(f"{len(class_names)} class names given for {num_classes} classes")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.class_names = list(class_names) if class_names is not None else None
@@ -103,6 +104,18 @@ class SegMetrics:
             'class_names': self.class_names,
             'confusion_matrix': self.confusion.tolist(),
         }
+
+
+def json_ready(value):
+    """``value`` with every NaN or infinite float (an undefined score) as None: JSON has no NaN,
+    and a strict reader (JavaScript's JSON.parse, jq) refuses the bare NaN Python writes."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    return value
 
 
 def _to_numpy(array):

@@ -22,7 +22,9 @@ from emanet.data.loading import ResumableBatchSampler, TrainSamples, batches, co
 from emanet.engine.distributed import average_batch_norm_statistics
 from emanet.engine.attention import log_attention_pictures
 from emanet.engine.evaluate import evaluate
+from emanet.engine.metrics import json_ready
 from emanet.engine.inference import ModelSegmenter
+from emanet.errors import InvalidInput, Unsupported, UserError
 from emanet.logger import logger
 from emanet.models import EMAU
 from emanet.runtime import set_device
@@ -32,7 +34,7 @@ CHECKPOINT_PREFIX = 'iter_'
 STATE_FILE = 'train_state.json'
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or infinite."""
 
 
@@ -41,11 +43,11 @@ def amp_settings(precision, device, amp_level='O1'):
     if precision == 'fp32':
         return None, False
     if precision not in ('fp16', 'bf16'):
-        raise ValueError(f"--precision must be fp32, fp16 or bf16, got '{precision}'")
+        raise InvalidInput(f"--precision must be fp32, fp16 or bf16, got '{precision}'")
     if amp_level not in ('O1', 'O2'):
-        raise ValueError(f"--amp_level must be O1 or O2, got '{amp_level}'")
+        raise InvalidInput(f"--amp_level must be O1 or O2, got '{amp_level}'")
     if device.startswith('cpu'):
-        raise RuntimeError(f"--precision {precision} needs a GPU: Paddle's automatic mixed precision "
+        raise Unsupported(f"--precision {precision} needs a GPU: Paddle's automatic mixed precision "
                            "does nothing on CPU, use --precision fp32 there")
     dtype = 'float16' if precision == 'fp16' else 'bfloat16'
     return {'dtype': dtype, 'level': amp_level}, precision == 'fp16'
@@ -67,6 +69,24 @@ def scaler_state(scaler):
     """A GradScaler's state as plain JSON values ({} without a scaler or when it is disabled)."""
     state = scaler.state_dict() if scaler is not None else {}
     return {key: np.asarray(value).tolist() if key == 'scale' else value for key, value in state.items()}
+
+
+def data_order_settings(train_images, batch_size, processes, iters):
+    """What the batches and the learning rate of an iteration depend on, besides the seed."""
+    return {'train_images': train_images, 'batch_size': batch_size, 'processes': processes, 'iters': iters}
+
+
+def warn_if_not_exact_resume(saved, current, checkpoint):
+    """One line when a resumed run's data order or schedule differs from the checkpoint's run."""
+    if saved is None:
+        logger.warning("%s does not record its data order (an older checkpoint): whether this run continues "
+                       "it bitwise cannot be checked", checkpoint)
+        return
+    changed = [key for key, value in current.items() if saved.get(key) != value]
+    if changed:
+        logger.warning("Resuming with other settings than %s was made with (%s): training continues, but not "
+                       "bitwise as the uninterrupted run would have", checkpoint,
+                       ', '.join(f"{key} {saved.get(key)} -> {current[key]}" for key in changed))
 
 
 def find_latest_checkpoint(save_dir):
@@ -95,7 +115,9 @@ def save_checkpoint(folder, model, optimizer, state, scaler=None):
     if scaler_state(scaler):
         state = dict(state, grad_scaler=scaler_state(scaler))
     with open(os.path.join(partial, STATE_FILE), 'w') as f:
-        json.dump(state, f, indent=2)
+        json.dump(json_ready(state), f, indent=2, allow_nan=False)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes the checkpoint the newest
     previous = folder + '.old'
     if os.path.isdir(folder):
         shutil.rmtree(previous, ignore_errors=True)
@@ -134,7 +156,7 @@ def weighted_loss(losses, logits, label):
     """Sum of coef_i * loss_i(logit_i, label), pairing the config's losses with the model's outputs."""
     coefs, types = losses['coef'], losses['types']
     if len(coefs) != len(logits):
-        raise ValueError(f"the model returns {len(logits)} outputs in training but loss.coef has "
+        raise InvalidInput(f"the model returns {len(logits)} outputs in training but loss.coef has "
                          f"{len(coefs)} entries; give one coefficient per output")
     parts = [coef * loss(logit, label) for coef, loss, logit in zip(coefs, types, logits)]
     return sum(parts), parts
@@ -157,17 +179,21 @@ def train(cfg, save_dir='output', device='cpu', num_workers=0, do_eval=False, us
     puts pictures of the EM unit's attention on the first val images into VisualDL.
     """
     if log_attention and not (use_vdl and do_eval):
-        raise ValueError("log_attention puts pictures into VisualDL at each evaluation: it needs use_vdl and do_eval")
+        raise InvalidInput("log_attention puts pictures into VisualDL at each evaluation: it needs use_vdl and do_eval")
     device = set_device(device)
     world_size, rank = dist.get_world_size(), dist.get_rank()
     autocast, use_scaler = amp_settings(precision, device, amp_level)
 
-    start_iter, best = 0, {'miou': -1.0, 'iter': -1}
+    start_iter, best, saved = 0, {'miou': -1.0, 'iter': -1}, None
     if resume_model == 'latest':
         resume_model = find_latest_checkpoint(save_dir)
+        if resume_model is None:
+            logger.warning("--resume_model latest: no checkpoint in %s; starting from scratch", save_dir)
     if resume_model:
-        state = read_train_state(resume_model)
-        start_iter, seed, best = state['iter'], state['seed'], state['best']
+        saved = read_train_state(resume_model)
+        if seed is not None and seed != saved['seed']:
+            logger.warning("Resuming with the checkpoint's seed %d, not --seed %d", saved['seed'], seed)
+        start_iter, seed, best = saved['iter'], saved['seed'], saved['best']
     if seed is None:
         seed = random.SystemRandom().randrange(2 ** 31)
     # Seeded before the model is built, so a seed fixes the initial weights too.
@@ -184,10 +210,13 @@ def train(cfg, save_dir='output', device='cpu', num_workers=0, do_eval=False, us
     lr_scheduler = builder.lr_scheduler
     total_iters, batch_size = cfg.iters, cfg.batch_size
     scaler = paddle.amp.GradScaler(init_loss_scaling=1024) if use_scaler else None
+    data_order = data_order_settings(len(train_dataset), batch_size, world_size, total_iters)
     if resume_model:
         # Into the float32 model, before any O2 cast; the master weights come with the optimizer.
         load_checkpoint(resume_model, model, optimizer, scaler)
         logger.info("Resumed from %s: continuing at iteration %d", resume_model, start_iter + 1)
+        if rank == 0:
+            warn_if_not_exact_resume(saved.get('data_order'), data_order, resume_model)
     if world_size > 1 and device.startswith('gpu'):
         model = paddle.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model, optimizer = decorate_for_amp(model, optimizer, autocast)
@@ -271,7 +300,7 @@ def train(cfg, save_dir='output', device='cpu', num_workers=0, do_eval=False, us
                     if evaluation['miou'] > best['miou']:
                         best = {'miou': evaluation['miou'], 'iter': iteration}
                 if rank == 0:
-                    state = {'iter': iteration, 'seed': seed, 'best': best}
+                    state = {'iter': iteration, 'seed': seed, 'best': best, 'data_order': data_order}
                     if evaluation is not None:
                         state['evaluation'] = evaluation
                         if writer is not None:

@@ -71,3 +71,37 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tiny_config,
     monkeypatch.setattr(trainer, 'save_state', original_save_state)
     trainer.train(load_config(tiny_config()), save_dir=str(out), resume_model='latest', save_interval=2)
     assert sorted(p for p in os.listdir(out) if not p.endswith('.part')) == ['iter_2', 'iter_4', 'iter_6']
+
+
+@pytest.fixture
+def log_lines():
+    """The messages the package logs during the test."""
+    import logging
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger('emanet').addHandler(handler)
+    yield messages
+    logging.getLogger('emanet').removeHandler(handler)
+
+
+def test_resume_latest_with_no_checkpoint_says_it_starts_from_scratch(tiny_config, tmp_path, log_lines):
+    trainer.train(load_config(tiny_config(), iters=1), save_dir=str(tmp_path / 'empty'), resume_model='latest', seed=0)
+    assert f"--resume_model latest: no checkpoint in {tmp_path / 'empty'}; starting from scratch" in log_lines
+
+
+def test_resume_with_other_settings_says_it_is_no_longer_bitwise_the_same(tiny_config, tmp_path, log_lines):
+    out = tmp_path / 'out'
+    trainer.train(load_config(tiny_config(), iters=4), save_dir=str(out), save_interval=2, seed=0)
+    saved = trainer.read_train_state(str(out / 'iter_2'))
+    assert saved['data_order'] == {'train_images': 8, 'batch_size': 2, 'processes': 1, 'iters': 4}
+
+    trainer.train(load_config(tiny_config(), iters=4), save_dir=str(out), save_interval=2,
+                  resume_model=str(out / 'iter_2'))
+    assert not [line for line in log_lines if 'Resuming with other settings' in line]  # the same settings
+
+    trainer.train(load_config(tiny_config(), iters=4, batch_size=1), save_dir=str(out), save_interval=2,
+                  resume_model=str(out / 'iter_2'))
+    warnings = [line for line in log_lines if 'Resuming with other settings' in line]
+    assert warnings == [f"Resuming with other settings than {out / 'iter_2'} was made with (batch_size 2 -> 1): "
+                        "training continues, but not bitwise as the uninterrupted run would have"]
