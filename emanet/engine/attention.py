@@ -15,7 +15,7 @@ import paddle
 import paddle.nn.functional as F
 from tqdm import tqdm
 
-from emanet.engine.predict import color_map, list_images
+from emanet.engine.predict import color_map, list_images, output_names
 from emanet.errors import InvalidInput
 from emanet.models.ema_unit import em_iterations
 from emanet.segmenter import read_image, undo_transforms
@@ -140,10 +140,10 @@ def save_attention_pictures(segmenter, image_path, save_dir, palette=None, top=1
     paths, root = list_images(image_path)
     class_colors = bgr_class_colors(palette)
     written = []
-    for path in tqdm(paths, desc='visualize', unit='image'):
+    for path, name in tqdm(list(zip(paths, output_names(paths, root))), desc='visualize', unit='image'):
         image = read_image(path)  # once, for the model and the picture
         picture = attention_picture(image, em_attention(segmenter, image), class_colors, top=top)
-        written.append(os.path.join(save_dir, os.path.splitext(os.path.relpath(path, root))[0] + '_attention.png'))
+        written.append(os.path.join(save_dir, name + '_attention.png'))
         os.makedirs(os.path.dirname(written[-1]), exist_ok=True)
         cv2.imwrite(written[-1], picture)
     return written

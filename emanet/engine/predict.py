@@ -38,6 +38,27 @@ def list_images(image_path):
     return paths, root
 
 
+def output_names(paths, root):
+    """A name per image for its results: its path under ``root`` without the suffix.
+
+    A list file may name images anywhere (``../other/x.jpg``, ``/data/x.jpg``); such an image is
+    named by its file name alone, so that no result is ever written outside the save folder. Two
+    images that would get one name are one error naming both.
+    """
+    names, first_with_name = [], {}
+    for path in paths:
+        relative = os.path.relpath(path, root)
+        if os.path.isabs(relative) or relative.split(os.sep)[0] == os.pardir:
+            relative = os.path.basename(path)
+        name = os.path.splitext(relative)[0]
+        if name in first_with_name:
+            raise InvalidInput(f"{first_with_name[name]} and {path} would both be saved as '{name}'; "
+                               "list images with distinct file names")
+        first_with_name[name] = path
+        names.append(name)
+    return names
+
+
 def color_map(palette=None):
     """A flat [r, g, b, r, g, b, ...] list: the dataset's palette if it has one, else PaddleSeg's."""
     if palette is not None:
@@ -72,9 +93,8 @@ def predict_images(segmenter, image_path, save_dir, palette=None, save_format='p
                          "dataset has none (it is not Cityscapes): use save_format pseudo_color")
     paths, root = list_images(image_path)
     colors = color_map(palette)
-    for path in tqdm(paths, desc='predict', unit='image'):
+    for path, name in tqdm(list(zip(paths, output_names(paths, root))), desc='predict', unit='image'):
         label = segmenter.predict(path).astype(np.uint8)
-        name = os.path.splitext(os.path.relpath(path, root))[0]
         if save_format == 'cityscapes':
             label_ids_path = os.path.join(save_dir, name + '.png')
             os.makedirs(os.path.dirname(label_ids_path), exist_ok=True)
