@@ -194,6 +194,10 @@ def read_deploy_config(path):
                          f"{', '.join(required)}")
     folder = os.path.dirname(os.path.abspath(path))
     files = [key for key in ('model', 'params') if deploy.get(key)]  # an ONNX model has no params file
+    for key in files:  # an exported folder may come from someone else: it names only its own files
+        name = deploy[key]
+        if not isinstance(name, str) or os.path.basename(name) != name or name in (os.curdir, os.pardir):
+            raise InvalidInput(f"{path}: {key} must be a file name in the deploy config's folder, got {name!r}")
     deploy = dict(deploy, format=deploy.get('format', 'paddle'),
                   **{key: os.path.join(folder, deploy[key]) for key in files})
     for key in files:

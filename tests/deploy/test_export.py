@@ -204,3 +204,12 @@ def test_a_folder_that_is_not_an_export_is_refused_before_any_work(tmp_path, ima
         convert.export_checked(tiny_emanet(), str(run), TRANSFORMS, convert.preprocessed_images(images, TRANSFORMS))
     assert folder_contents(run) == before
     assert sorted(os.listdir(tmp_path)) == ['output']
+
+
+@pytest.mark.parametrize('model_file', ['../outside/model.json', '/etc/hostname', '..', 'sub/model.json'])
+def test_a_deploy_config_names_only_files_of_its_own_folder(tmp_path, model_file):
+    import yaml
+    (tmp_path / 'deploy.yaml').write_text(yaml.safe_dump({'Deploy': {
+        'model': model_file, 'params': 'model.pdiparams', 'transforms': TRANSFORMS, 'output_op': 'argmax'}}))
+    with pytest.raises(ValueError, match=r"deploy\.yaml: model must be a file name in the deploy config's folder"):
+        read_deploy_config(str(tmp_path))
