@@ -3,23 +3,41 @@
 Several processes may ask for the same file at once (every rank of a data-parallel run builds
 its backbone): a lock file beside the target lets one download and unpack while the others
 wait, and then they find the finished copy.
+
+No URL and no archive member can place a file outside the cache: a URL is kept as
+``<cache>/<host>/<digest of the URL>/<file name>``, and an archive unpacks only files and folders
+inside its own folder. Downloads and unpacked archives are bounded in size, redirects are
+followed a bounded number of times and never from HTTPS down to HTTP, and a cached file is
+checked against the record of its download before it is used.
 """
+import contextlib
 import glob
 import hashlib
+import json
 import os
 import re
 import shutil
+import stat
 import tarfile
 import tempfile
+import typing
 import zipfile
-from urllib.parse import urlparse
+import zlib
+from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
 from filelock import FileLock
 from tqdm import tqdm
 
+from emanet.errors import UserError
+
 CACHE_DIR = os.environ.get('EMANET_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'emanet'))
 ARCHIVE_SUFFIXES = ('.tar.gz', '.tgz', '.tar', '.zip')
+MAX_REDIRECTS = 10
+MAX_ARCHIVE_MEMBERS = 10000
+CHUNK_BYTES = 1 << 20
+# Errors of a damaged or truncated archive, from the archive modules and the decompressors below them.
+ARCHIVE_READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error)
 
 
 def timeout_seconds():
@@ -27,12 +45,60 @@ def timeout_seconds():
     return float(os.environ.get('EMANET_DOWNLOAD_TIMEOUT', 15))
 
 
-class DownloadError(RuntimeError):
+def max_download_bytes():
+    """The largest download, and the most an archive may unpack to (EMANET_MAX_DOWNLOAD_BYTES, default 4 GiB)."""
+    return int(os.environ.get('EMANET_MAX_DOWNLOAD_BYTES', 4 << 30))
+
+
+class DownloadError(UserError, RuntimeError):
     """A file could not be downloaded; the message names the URL."""
 
 
 def is_url(path):
-    return str(path).startswith(('http://', 'https://'))
+    """Whether ``path`` is written as a URL; schemes other than http(s) are refused rather than read as files."""
+    return re.match(r'[A-Za-z][A-Za-z0-9+.-]+://', str(path)) is not None
+
+
+def cache_location(url, cache_dir):
+    """Where ``url`` is kept: ``<cache_dir>/<host>/<digest of the whole URL>/<its file name>``.
+
+    The digest keeps apart URLs that differ anywhere (the query too); the file name keeps the
+    suffix callers look for. Only a sanitised host and file name come from the URL, so no URL
+    leads outside the cache. URLs that are not http(s), whose path has '.' or '..' segments
+    (also percent-encoded or with backslashes), or that name no file are refused.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ('http', 'https'):
+        raise DownloadError(f"{url}: only http:// and https:// URLs are downloaded")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port that is not a number
+        raise DownloadError(f"{url} is not a valid URL") from None
+    if not host:
+        raise DownloadError(f"{url} names no host")
+    # Servers decode %2e and %2f, and some take a backslash for a slash: judge the path as they may.
+    segments = re.split(r'[/\\]', unquote(parts.path))
+    if any(segment in ('.', '..') for segment in segments):
+        raise DownloadError(f"{url}: its path has '.' or '..' segments; give the file's own path")
+    if not segments[-1]:
+        raise DownloadError(f"{url} names no file")
+    host_folder = _file_name(host if port is None else f'{host}_{port}')
+    target = os.path.join(cache_dir, host_folder, hashlib.sha256(url.encode()).hexdigest()[:32],
+                          _file_name(segments[-1]))
+    if not _inside(target, cache_dir):
+        raise DownloadError(f"{url}: refusing a cache path outside {cache_dir}")
+    return target
+
+
+def _file_name(text):
+    """``text`` as one harmless file name: letters, digits, '.', '_' and '-', at most 100 characters, no leading dot."""
+    name = re.sub(r'[^A-Za-z0-9._-]', '_', text)[-100:]
+    return '_' + name[1:] if name.startswith('.') else name
+
+
+def _inside(path, folder):
+    folder = os.path.realpath(folder)
+    return os.path.commonpath([folder, os.path.realpath(path)]) == folder
 
 
 def cached_path(url, sha256=None, cache_dir=None):
@@ -41,78 +107,269 @@ def cached_path(url, sha256=None, cache_dir=None):
     The file lands in a temporary file renamed only once complete and verified: its size
     against the server's Content-Length, its MD5 against the server's ETag where that is an
     MD5 (object stores such as PaddleSeg's publish them so), and ``sha256`` when given.
-    An interrupted or corrupted download never leaves a file behind.
+    An interrupted or corrupted download never leaves a file behind. A record of the
+    download (its sha256 and size) is written beside it; a cached file whose size no longer
+    matches the record, or whose recomputed digest is not ``sha256`` when that is given, is
+    downloaded again.
     """
-    cache_dir = cache_dir or CACHE_DIR
-    parts = urlparse(url)
-    target = os.path.join(cache_dir, parts.netloc, parts.path.lstrip('/'))
-    if os.path.exists(target):
-        return target
+    return _download(url, sha256, cache_dir or CACHE_DIR)[0]
+
+
+def _download(url, sha256, cache_dir):
+    """``cached_path`` that also returns the record of the download."""
+    target = cache_location(url, cache_dir)
+    record = _intact_record(target, sha256)
+    if record is not None:
+        return target, record
     os.makedirs(os.path.dirname(target), exist_ok=True)
     with FileLock(target + '.lock'):
-        if os.path.exists(target):  # another process finished it while this one waited
-            return target
-        fd, partial = tempfile.mkstemp(dir=os.path.dirname(target), suffix='.part')
-        try:
-            with os.fdopen(fd, 'wb') as out:
-                digests = _fetch(url, out)
-            if sha256 is not None and digests['sha256'] != sha256:
-                raise DownloadError(f"{url}: checksum mismatch (sha256 {digests['sha256']}, expected {sha256})")
-            os.replace(partial, target)
-        finally:
-            if os.path.exists(partial):
-                os.remove(partial)
-    return target
+        record = _intact_record(target, sha256)  # another process may have finished it while this one waited
+        if record is not None:
+            return target, record
+        for stale in (target, _record_path(target)):  # a download that no longer checks out
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(stale)
+        return target, _download_to(url, target, sha256)
+
+
+def _record_path(target):
+    return target + '.record'
+
+
+def _intact_record(target, sha256):
+    """The record of the download at ``target`` if the file is still that download, else None.
+
+    The size is compared every time (cheap, and catches a file cut short); the file's digest is
+    recomputed only when the caller gives ``sha256``.
+    """
+    try:
+        with open(_record_path(target)) as file:
+            record = json.load(file)
+        intact = os.path.getsize(target) == record['size'] and (
+            sha256 is None or record['sha256'] == sha256.lower() == _file_sha256(target))
+    except (OSError, ValueError, KeyError, TypeError):  # no file, no record, or a damaged record
+        return None
+    return record if intact else None
+
+
+def _file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as file:
+        for chunk in iter(lambda: file.read(CHUNK_BYTES), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _download_to(url, target, sha256):
+    """Download ``url`` to ``target`` through a temporary file; the record is written first, so a
+    file without a record is never taken for a finished download."""
+    fd, partial = tempfile.mkstemp(dir=os.path.dirname(target), suffix='.part')
+    try:
+        with os.fdopen(fd, 'wb') as out:
+            record = _fetch(url, out)
+        if sha256 is not None and record['sha256'] != sha256.lower():
+            raise DownloadError(f"{url}: checksum mismatch (sha256 {record['sha256']}, expected {sha256})")
+        _write_atomically(_record_path(target), json.dumps(record))
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return record
+
+
+def _write_atomically(path, text):
+    fd, partial = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.part')
+    try:
+        with os.fdopen(fd, 'w') as out:
+            out.write(text)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 def _fetch(url, out):
-    """Stream ``url`` into ``out`` with a progress bar; return its sha256 and md5 hex digests."""
+    """Stream ``url`` into ``out`` with a progress bar; return the sha256 and size of what arrived."""
+    limit = max_download_bytes()
     sha256, md5, size = hashlib.sha256(), hashlib.md5(), 0
     try:
-        with requests.get(url, stream=True, timeout=timeout_seconds()) as response:
+        with requests.Session() as session, _get(session, url) as response:
             response.raise_for_status()
-            expected_size = int(response.headers.get('content-length', 0)) or None
+            declared = response.headers.get('content-length', '')
+            expected_size = int(declared) if declared.isdigit() else None
+            if expected_size is not None and expected_size > limit:
+                raise _too_large(url, limit)
             etag = response.headers.get('etag', '').strip('"').lower()
-            with tqdm(total=expected_size, unit='B', unit_scale=True, desc=os.path.basename(url)) as bar:
-                for chunk in response.iter_content(chunk_size=1 << 20):
+            with tqdm(total=expected_size, unit='B', unit_scale=True,
+                      desc=os.path.basename(urlsplit(url).path)) as bar:
+                for chunk in response.iter_content(chunk_size=CHUNK_BYTES):
+                    size += len(chunk)
+                    if size > limit:  # a server streaming without end, or beyond what it declared
+                        raise _too_large(url, limit)
                     out.write(chunk)
                     sha256.update(chunk)
                     md5.update(chunk)
-                    size += len(chunk)
                     bar.update(len(chunk))
     except requests.RequestException as err:
-        raise DownloadError(f"could not download {url}: {err.__class__.__name__}. "
-                            f"Check the network, or download it by hand and pass the local path.") from None
+        raise DownloadError(f"could not download {url}: {err.__class__.__name__}; check the network, "
+                            f"or download it by hand and pass the local path") from None
     if expected_size is not None and size != expected_size:
         raise DownloadError(f"{url}: download incomplete ({size} of {expected_size} bytes)")
     if re.fullmatch(r'[0-9a-f]{32}', etag) and md5.hexdigest() != etag:
         raise DownloadError(f"{url}: checksum mismatch (MD5 {md5.hexdigest()}, the server says {etag})")
-    return {'sha256': sha256.hexdigest(), 'md5': md5.hexdigest()}
+    return {'sha256': sha256.hexdigest(), 'size': size}
 
 
-def weights_path(path):
+def _too_large(url, limit):
+    return DownloadError(f"{url}: the download exceeds {limit} bytes (EMANET_MAX_DOWNLOAD_BYTES); "
+                         f"raise that limit if the file is genuine")
+
+
+def _get(session, url):
+    """The streamed response to GET ``url`` after at most MAX_REDIRECTS redirects, each one checked."""
+    current = url
+    for _ in range(MAX_REDIRECTS + 1):
+        # Identity encoding: the bytes counted, hashed and compared with Content-Length are the file's own.
+        response = session.get(current, stream=True, timeout=timeout_seconds(), allow_redirects=False,
+                               headers={'Accept-Encoding': 'identity'})
+        if not response.is_redirect:
+            return response
+        response.close()
+        following = urljoin(current, response.headers['location'])
+        _check_redirect(url, current, following)
+        current = following
+    raise DownloadError(f"{url}: more than {MAX_REDIRECTS} redirects")
+
+
+def _check_redirect(url, current, following):
+    """Refuse a redirect away from http(s), or from HTTPS down to plain HTTP."""
+    scheme = urlsplit(following).scheme
+    if scheme not in ('http', 'https'):
+        raise DownloadError(f"{url}: refusing the redirect to {following}, which is not an http(s) URL")
+    if urlsplit(current).scheme == 'https' and scheme == 'http':
+        raise DownloadError(f"{url}: refusing the redirect to {following}, which drops HTTPS")
+
+
+def weights_path(path, sha256=None):
     """A local .pdparams file for ``path``: itself, or downloaded (and unpacked if an archive).
 
-    PaddleSeg publishes backbone weights as archives holding one ``.pdparams`` file.
+    PaddleSeg publishes backbone weights as archives holding one ``.pdparams`` file. ``sha256``,
+    when given, is the digest of what the URL serves (the archive, for an archive).
     """
     if not is_url(path):
         return path
-    local = cached_path(path)
+    local, record = _download(path, sha256, CACHE_DIR)
     if not local.endswith(ARCHIVE_SUFFIXES):
         return local
-    unpacked = local + '.unpacked'
+    # Named after the archive's digest: an archive downloaded again with other bytes is unpacked anew.
+    unpacked = f"{local}.{record['sha256'][:16]}.unpacked"
     with FileLock(unpacked + '.lock'):
         if not os.path.isdir(unpacked):
-            partial = unpacked + '.part'
-            shutil.rmtree(partial, ignore_errors=True)
-            if local.endswith('.zip'):
-                with zipfile.ZipFile(local) as archive:
-                    archive.extractall(partial)
-            else:
-                with tarfile.open(local) as archive:
-                    archive.extractall(partial, filter='data')
-            os.replace(partial, unpacked)
+            partial = tempfile.mkdtemp(dir=os.path.dirname(local), suffix='.part')
+            try:
+                unpack_archive(local, partial, source=path)
+                os.replace(partial, unpacked)
+            finally:
+                if os.path.isdir(partial):
+                    shutil.rmtree(partial)
     found = sorted(glob.glob(os.path.join(unpacked, '**', '*.pdparams'), recursive=True))
     if not found:
         raise DownloadError(f"{path}: the archive holds no .pdparams file")
     return found[0]
+
+
+class _Member(typing.NamedTuple):
+    """One entry of a tar or zip archive, described alike."""
+    name: str
+    kind: str  # 'file', 'folder', 'symbolic link', 'hard link' or 'other'
+    size: int
+    open: typing.Callable
+
+
+def unpack_archive(archive_path, destination, source=None):
+    """Unpack a .tar, .tar.gz, .tgz or .zip into the folder ``destination``: only files and folders, inside it.
+
+    Every member is checked before the first is written. Links, devices, absolute names, '..'
+    segments, backslashes and drive letters are refused, as are more than MAX_ARCHIVE_MEMBERS
+    members or more than EMANET_MAX_DOWNLOAD_BYTES in all, each with one DownloadError naming
+    ``source`` (the archive's URL, by default its path) and the member. This does not rely on
+    tarfile's extraction filters (PEP 706), which older Pythons 3.8 to 3.11 lack.
+    """
+    source = source or archive_path
+    try:
+        opened = zipfile.ZipFile(archive_path) if archive_path.endswith('.zip') else tarfile.open(archive_path)
+    except ARCHIVE_READ_ERRORS as err:
+        raise DownloadError(f"{source}: not a readable archive ({err})") from None
+    with opened as archive:
+        for member, path in _checked_members(archive, destination, source):
+            try:
+                if member.kind == 'folder':
+                    os.makedirs(path, exist_ok=True)
+                    continue
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                # Both readers stop at the member's declared size, which the check has counted.
+                with member.open() as data, open(path, 'wb') as out:
+                    shutil.copyfileobj(data, out, CHUNK_BYTES)
+            except ARCHIVE_READ_ERRORS + (RuntimeError,) as err:  # zipfile raises RuntimeError for encryption
+                raise DownloadError(f"{source}: archive member '{member.name}' cannot be unpacked ({err})") from None
+
+
+def _checked_members(archive, destination, source):
+    """(member, path in ``destination``) for every member but the archive's own folder ('./'), once all pass."""
+    limit, total, checked = max_download_bytes(), 0, []
+    root = os.path.abspath(destination)
+    members = _zip_members(archive) if isinstance(archive, zipfile.ZipFile) else _tar_members(archive)
+    try:
+        for count, member in enumerate(members, 1):
+            reason = _refusal(member, count, total, limit)
+            parts = [part for part in member.name.split('/') if part not in ('', '.')]
+            path = os.path.join(root, *parts)
+            # The last guard, by name alone: the folder is new and nothing unpacked into it is a link.
+            if reason is None and os.path.commonpath([root, os.path.normpath(path)]) != root:
+                reason = "a path leaving the archive's folder"
+            if reason is not None:
+                raise DownloadError(f"{source}: refusing archive member '{member.name}' ({reason})")
+            total += member.size
+            if parts:
+                checked.append((member, path))
+    except ARCHIVE_READ_ERRORS as err:
+        raise DownloadError(f"{source}: not a readable archive ({err})") from None
+    return checked
+
+
+def _refusal(member, count, total, limit):
+    """Why ``member``, the count-th with ``total`` bytes before it, may not be unpacked; None if it may."""
+    if count > MAX_ARCHIVE_MEMBERS:
+        return f'the archive has more than {MAX_ARCHIVE_MEMBERS} members'
+    if '\\' in member.name or re.match(r'[A-Za-z]:', member.name):
+        return 'a backslash or drive letter in its name'
+    if member.name.startswith('/'):
+        return 'an absolute path'
+    if '..' in member.name.split('/'):
+        return "a path leaving the archive's folder"
+    if member.kind in ('symbolic link', 'hard link'):
+        return f'a {member.kind}'
+    if member.kind == 'other':
+        return 'neither a file nor a folder'
+    if total + member.size > limit:
+        return f'the archive unpacks to more than {limit} bytes (EMANET_MAX_DOWNLOAD_BYTES)'
+    return None
+
+
+def _tar_members(archive):
+    for info in archive:  # read lazily, so a refusal stops before the rest of the archive is read
+        kind = ('folder' if info.isdir() else 'file' if info.isreg() else 'symbolic link' if info.issym()
+                else 'hard link' if info.islnk() else 'other')
+        yield _Member(info.name, kind, info.size, lambda info=info: archive.extractfile(info))
+
+
+def _zip_members(archive):
+    for info in archive.infolist():
+        file_type = stat.S_IFMT(info.external_attr >> 16)  # the unix mode; 0 in zips made elsewhere
+        if file_type == stat.S_IFLNK:
+            kind = 'symbolic link'
+        elif file_type not in (0, stat.S_IFREG, stat.S_IFDIR):
+            kind = 'other'
+        else:
+            kind = 'folder' if info.is_dir() or file_type == stat.S_IFDIR else 'file'
+        yield _Member(info.filename, kind, info.file_size, lambda info=info: archive.open(info))

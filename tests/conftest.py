@@ -16,16 +16,37 @@ sys.path.insert(0, TOOLS)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
-    """Serves ``files`` (path -> bytes) with their size and optional MD5 ETags, recording each request."""
+    """Serves ``files`` (path -> bytes) with their size and optional MD5 ETags, recording each request.
+
+    ``redirects`` (path -> URL) answer 302 to that URL; ``endless`` paths stream zeros without a
+    Content-Length until the client hangs up (at most 256 MiB).
+    """
 
     files = {}
     etags = {}
+    redirects = {}
+    endless = set()
     hits = []
     delay = 0.0  # seconds before answering, so that concurrent requests overlap
 
     def do_GET(self):
         self.hits.append(self.path)
         time.sleep(self.delay)
+        if self.path in self.redirects:
+            self.send_response(302)
+            self.send_header('Location', self.redirects[self.path])
+            self.send_header('Content-Length', '0')
+            self.end_headers()
+            return
+        if self.path in self.endless:
+            self.send_response(200)
+            self.end_headers()
+            try:
+                for _ in range(1 << 12):
+                    self.wfile.write(bytes(1 << 16))
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            return
         body = self.files.get(self.path)
         if body is None:
             self.send_error(404)
@@ -46,6 +67,8 @@ def server():
     """A file server on 127.0.0.1 for the test's duration; its base URL (no outside network)."""
     httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
     Handler.hits.clear()
+    Handler.redirects.clear()
+    Handler.endless.clear()
     Handler.delay = 0.0
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()

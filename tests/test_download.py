@@ -1,11 +1,21 @@
-"""Downloads: once into the cache, atomically, unpacked when an archive, and a fast clear error offline."""
+"""Downloads: once into the cache, atomically, unpacked when an archive, and a fast clear error offline.
+
+No URL leads outside the cache, what the cache holds is checked before use, and redirects and sizes
+are bounded (hostile archives: test_hostile_archives.py).
+"""
+import contextlib
 import hashlib
+import http.server
 import io
 import os
+import re
+import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 import paddle
@@ -16,8 +26,21 @@ from emanet.download import DownloadError, cached_path, weights_path
 
 
 def downloaded_files(folder):
-    """Files under ``folder`` except the lock files that let one process download at a time."""
-    return sorted(p for p in folder.rglob('*') if p.is_file() and p.suffix != '.lock')
+    """Files under ``folder`` except the lock files that let one process download at a time and the
+    records of what was downloaded."""
+    return sorted(p for p in folder.rglob('*') if p.is_file() and p.suffix not in ('.lock', '.record'))
+
+
+@contextlib.contextmanager
+def nothing_written_beside(tmp_path):
+    """Asserts that the block creates nothing in the folder holding ``tmp_path`` (other tests' folders)."""
+    before = set(os.listdir(tmp_path.parent))
+    yield
+    assert set(os.listdir(tmp_path.parent)) == before
+
+
+def sha256_of(data):
+    return hashlib.sha256(data).hexdigest()
 
 
 def pdparams_bytes(tmp_path):
@@ -109,3 +132,192 @@ def test_a_server_that_never_answers_times_out_naming_the_url(tmp_path, monkeypa
     finally:
         silent.close()
     assert not list(tmp_path.rglob('*.part'))
+
+
+# A URL names a file on a server; nothing in it may choose where the file lands on this machine.
+
+@pytest.mark.parametrize('parent', ['../', '%2e%2e/', '%2E%2E/', '.%2e/', '..\\', '..%5c', '..%2f', './'])
+def test_a_url_with_dot_segments_is_refused_before_any_request(server, tmp_path, parent):
+    # Followed blindly from anywhere, these segments lead to tmp_path/escaped.pdparams.
+    path = parent * 16 + str(tmp_path).lstrip('/') + '/escaped.pdparams'
+    Handler.files[f'{tmp_path}/escaped.pdparams'] = b'weights'
+    url = f'{server}/zoo/{path}'
+    with nothing_written_beside(tmp_path):
+        with pytest.raises(DownloadError, match=f"^{re.escape(url)}: its path has '.' or '..' segments"):
+            cached_path(url, cache_dir=str(tmp_path / 'cache'))
+    assert Handler.hits == []
+    assert not (tmp_path / 'escaped.pdparams').exists() and not downloaded_files(tmp_path)
+
+
+@pytest.mark.parametrize('url', ['file:///etc/passwd', 'ftp://127.0.0.1/zoo/model.pdparams',
+                                 'gopher://127.0.0.1/model.pdparams'])
+def test_a_url_that_is_not_http_is_refused(tmp_path, monkeypatch, url):
+    monkeypatch.setattr('emanet.download.CACHE_DIR', str(tmp_path / 'cache'))
+    with nothing_written_beside(tmp_path):
+        with pytest.raises(DownloadError, match=f'^{re.escape(url)}: only http:// and https:// URLs are downloaded$'):
+            weights_path(url)
+        with pytest.raises(DownloadError, match=f'^{re.escape(url)}: only http:// and https:// URLs'):
+            cached_path(url, cache_dir=str(tmp_path / 'cache'))
+    assert not list(tmp_path.rglob('*'))
+
+
+def test_a_url_naming_no_file_is_refused(server, tmp_path):
+    with pytest.raises(DownloadError, match=f'^{re.escape(server)}/zoo/ names no file$'):
+        cached_path(f'{server}/zoo/', cache_dir=str(tmp_path))
+    assert Handler.hits == []
+
+
+def test_urls_differing_only_in_the_query_are_two_files(server, tmp_path):
+    Handler.files['/zoo/model.pdparams?version=1'] = b'first'
+    Handler.files['/zoo/model.pdparams?version=2'] = b'second'
+    first = cached_path(f'{server}/zoo/model.pdparams?version=1', cache_dir=str(tmp_path))
+    second = cached_path(f'{server}/zoo/model.pdparams?version=2', cache_dir=str(tmp_path))
+    assert open(first, 'rb').read() == b'first' and open(second, 'rb').read() == b'second'
+    assert os.path.basename(first) == os.path.basename(second) == 'model.pdparams'
+
+
+def test_odd_hosts_and_paths_stay_inside_the_cache(server, tmp_path):
+    cache = tmp_path / 'cache'
+    Handler.files['/zoo/model.pdparams'] = b'weights'
+    Handler.files['/zoo/absolute.pdparams'] = b'absolute'  # requests merges the double slash
+    with nothing_written_beside(tmp_path):
+        with_credentials = cached_path(server.replace('//', '//user:secret@') + '/zoo/model.pdparams',
+                                       cache_dir=str(cache))
+        absolute_looking = cached_path(f'{server}//zoo/absolute.pdparams', cache_dir=str(cache))
+        with pytest.raises(DownloadError, match=r'^could not download http://\.\./x\.pdparams'):
+            cached_path('http://../x.pdparams', cache_dir=str(cache))  # a host named '..'
+    assert open(with_credentials, 'rb').read() == b'weights'
+    assert open(absolute_looking, 'rb').read() == b'absolute'
+    everything = [path for path in tmp_path.rglob('*') if path.is_file()]
+    assert everything and all(cache in path.parents for path in everything)
+
+
+# What is in the cache is checked again before it is used.
+
+def test_a_cached_file_corrupted_on_disk_is_downloaded_again(server, tmp_path):
+    body = b'weights' * 1000
+    Handler.files['/zoo/model.pdparams'] = body
+    url = f'{server}/zoo/model.pdparams'
+    local = cached_path(url, sha256=sha256_of(body), cache_dir=str(tmp_path))
+    with open(local, 'r+b') as file:
+        file.write(b'W')  # same size, other bytes
+    assert cached_path(url, sha256=sha256_of(body), cache_dir=str(tmp_path)) == local
+    assert open(local, 'rb').read() == body
+    assert Handler.hits == ['/zoo/model.pdparams'] * 2
+
+
+def test_a_cached_file_cut_short_is_downloaded_again_without_a_checksum(server, tmp_path):
+    body = b'weights' * 1000
+    Handler.files['/zoo/model.pdparams'] = body
+    url = f'{server}/zoo/model.pdparams'
+    local = cached_path(url, cache_dir=str(tmp_path))
+    os.truncate(local, 100)
+    assert open(cached_path(url, cache_dir=str(tmp_path)), 'rb').read() == body
+    assert Handler.hits == ['/zoo/model.pdparams'] * 2
+
+
+def test_a_corrupted_cache_and_a_server_serving_other_bytes_end_in_one_sentence(server, tmp_path):
+    body = b'weights' * 1000
+    Handler.files['/zoo/model.pdparams'] = body
+    url = f'{server}/zoo/model.pdparams'
+    local = cached_path(url, sha256=sha256_of(body), cache_dir=str(tmp_path))
+    with open(local, 'r+b') as file:
+        file.write(b'W')
+    tampered = Handler.files['/zoo/model.pdparams'] = b'tampered' * 1000
+    with pytest.raises(DownloadError, match=f'^{re.escape(url)}: checksum mismatch '
+                                            f'\\(sha256 {sha256_of(tampered)}, expected {sha256_of(body)}\\)$'):
+        cached_path(url, sha256=sha256_of(body), cache_dir=str(tmp_path))
+    assert not downloaded_files(tmp_path)
+
+
+def test_an_archives_checksum_is_the_archives_own(server, tmp_path, monkeypatch):
+    monkeypatch.setattr('emanet.download.CACHE_DIR', str(tmp_path / 'cache'))
+    archive = Handler.files['/backbone.tar.gz'] = tar_gz_bytes('pretrained/model.pdparams', b'weights')
+    url = f'{server}/backbone.tar.gz'
+    with pytest.raises(DownloadError, match=f'^{re.escape(url)}: checksum mismatch'):
+        weights_path(url, sha256=sha256_of(b'weights'))
+    assert open(weights_path(url, sha256=sha256_of(archive)), 'rb').read() == b'weights'
+
+
+def test_a_cached_archive_replaced_by_a_new_download_is_unpacked_again(server, tmp_path, monkeypatch):
+    monkeypatch.setattr('emanet.download.CACHE_DIR', str(tmp_path / 'cache'))
+    Handler.files['/backbone.tar.gz'] = tar_gz_bytes('pretrained/model.pdparams', b'first weights')
+    url = f'{server}/backbone.tar.gz'
+    assert open(weights_path(url), 'rb').read() == b'first weights'
+    archive = next((tmp_path / 'cache').rglob('backbone.tar.gz'))
+    os.truncate(archive, 10)
+    Handler.files['/backbone.tar.gz'] = tar_gz_bytes('pretrained/model.pdparams', b'second weights')
+    assert open(weights_path(url), 'rb').read() == b'second weights'
+
+
+# Redirects and sizes.
+
+def test_a_redirect_is_followed_and_the_file_kept_under_the_url_asked_for(server, tmp_path):
+    Handler.files['/moved/model.pdparams'] = b'weights'
+    Handler.redirects['/zoo/model.pdparams'] = f'{server}/moved/model.pdparams'
+    local = cached_path(f'{server}/zoo/model.pdparams', cache_dir=str(tmp_path))
+    assert open(local, 'rb').read() == b'weights' and os.path.basename(local) == 'model.pdparams'
+    assert Handler.hits == ['/zoo/model.pdparams', '/moved/model.pdparams']
+    assert cached_path(f'{server}/zoo/model.pdparams', cache_dir=str(tmp_path)) == local
+    assert len(Handler.hits) == 2
+
+
+def test_endless_redirects_end_in_one_sentence(server, tmp_path):
+    Handler.redirects['/zoo/model.pdparams'] = '/zoo/model.pdparams'
+    url = f'{server}/zoo/model.pdparams'
+    with pytest.raises(DownloadError, match=f'^{re.escape(url)}: more than 10 redirects$'):
+        cached_path(url, cache_dir=str(tmp_path))
+    assert len(Handler.hits) == 11 and not downloaded_files(tmp_path)
+
+
+@pytest.fixture
+def https_server(tmp_path, monkeypatch):
+    """A file server speaking HTTPS on 127.0.0.1 with a fresh self-signed certificate that requests trusts."""
+    if shutil.which('openssl') is None:
+        pytest.skip('openssl is needed to make a certificate for the HTTPS server')
+    key, certificate = tmp_path / 'key.pem', tmp_path / 'certificate.pem'
+    subprocess.run(['openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '1', '-subj', '/CN=127.0.0.1',
+                    '-addext', 'subjectAltName=IP:127.0.0.1', '-keyout', str(key), '-out', str(certificate)],
+                   check=True, capture_output=True, timeout=60)
+    monkeypatch.setenv('REQUESTS_CA_BUNDLE', str(certificate))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(certificate), str(key))
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f'https://127.0.0.1:{httpd.server_address[1]}'
+    httpd.shutdown()
+
+
+def test_a_redirect_from_https_to_plain_http_is_refused(server, https_server, tmp_path):
+    Handler.files['/secure/model.pdparams'] = Handler.files['/plain/model.pdparams'] = b'weights'
+    secure = cached_path(f'{https_server}/secure/model.pdparams', cache_dir=str(tmp_path / 'cache'))
+    assert open(secure, 'rb').read() == b'weights'
+    Handler.redirects['/downgraded/model.pdparams'] = f'{server}/plain/model.pdparams'
+    url = f'{https_server}/downgraded/model.pdparams'
+    with pytest.raises(DownloadError, match=f'^{re.escape(url)}: refusing the redirect to '
+                                            f'{re.escape(server)}/plain/model.pdparams, which drops HTTPS$'):
+        cached_path(url, cache_dir=str(tmp_path / 'cache'))
+    assert '/plain/model.pdparams' not in Handler.hits
+
+
+def test_an_endless_download_stops_at_the_size_cap(server, tmp_path, monkeypatch):
+    monkeypatch.setenv('EMANET_MAX_DOWNLOAD_BYTES', str(1 << 20))
+    Handler.endless.add('/zoo/model.pdparams')
+    url = f'{server}/zoo/model.pdparams'
+    start = time.time()
+    with pytest.raises(DownloadError, match=f'^{re.escape(url)}: the download exceeds 1048576 bytes '
+                                            r'\(EMANET_MAX_DOWNLOAD_BYTES\)'):
+        cached_path(url, cache_dir=str(tmp_path))
+    assert time.time() - start < 10
+    assert not downloaded_files(tmp_path) and not list(tmp_path.rglob('*.part'))
+
+
+def test_a_declared_size_over_the_cap_is_refused_before_downloading(server, tmp_path, monkeypatch):
+    monkeypatch.setenv('EMANET_MAX_DOWNLOAD_BYTES', '1000')
+    Handler.files['/zoo/model.pdparams'] = bytes(1001)
+    url = f'{server}/zoo/model.pdparams'
+    with pytest.raises(DownloadError, match=f'^{re.escape(url)}: the download exceeds 1000 bytes'):
+        cached_path(url, cache_dir=str(tmp_path))
+    assert not downloaded_files(tmp_path)
