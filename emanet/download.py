@@ -33,6 +33,7 @@ from emanet.errors import UserError
 
 CACHE_DIR = os.environ.get('EMANET_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'emanet'))
 ARCHIVE_SUFFIXES = ('.tar.gz', '.tgz', '.tar', '.zip')
+WEIGHT_SUFFIXES = ('.pdparams', '.safetensors')
 MAX_REDIRECTS = 10
 MAX_ARCHIVE_MEMBERS = 10000
 CHUNK_BYTES = 1 << 20
@@ -251,7 +252,7 @@ def _check_redirect(url, current, following):
 
 
 def weights_path(path, sha256=None):
-    """A local .pdparams file for ``path``: itself, or downloaded (and unpacked if an archive).
+    """A local weights file (.pdparams or .safetensors) for ``path``: itself, or downloaded (and unpacked if an archive).
 
     PaddleSeg publishes backbone weights as archives holding one ``.pdparams`` file. ``sha256``,
     when given, is the digest of what the URL serves (the archive, for an archive).
@@ -272,9 +273,10 @@ def weights_path(path, sha256=None):
             finally:
                 if os.path.isdir(partial):
                     shutil.rmtree(partial)
-    found = sorted(glob.glob(os.path.join(unpacked, '**', '*.pdparams'), recursive=True))
+    found = sorted(file for suffix in WEIGHT_SUFFIXES
+                   for file in glob.glob(os.path.join(unpacked, '**', '*' + suffix), recursive=True))
     if not found:
-        raise DownloadError(f"{path}: the archive holds no .pdparams file")
+        raise DownloadError(f"{path}: the archive holds no .pdparams or .safetensors file")
     return found[0]
 
 
