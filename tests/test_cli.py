@@ -38,7 +38,7 @@ def test_paddleseg_train_flags_are_accepted_and_each_one_without_effect_is_named
     ('train', ['--config', '--iters', '--batch_size', '--learning_rate', '--save_interval', '--resume_model',
                '--save_dir', '--keep_checkpoint_max', '--num_workers', '--do_eval', '--log_iters', '--use_vdl',
                '--use_ema', '--seed', '--precision', '--amp_level', '--profiler_options', '--data_format',
-               '--device', '--repeats', '--opts', '--verbose', '--log_attention']),
+               '--device', '--repeats', '--opts', '--verbose', '--log_attention', '--save_safetensors']),
     ('val', ['--device', '--precision', '--verbose']),
     ('predict', ['--device', '--verbose']),
     ('export', ['--verbose', '--legacy_program', '--miou_images']),

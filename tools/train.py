@@ -38,6 +38,9 @@ def parse_args(argv=None):
     parser.add_argument('--amp_level', default='O1', choices=['O1', 'O2'],
                         help='with --precision fp16/bf16: O1 casts operator by operator, O2 also casts the '
                              'weights (BatchNorm stays fp32)')
+    parser.add_argument('--save_safetensors', action='store_true',
+                        help='also write best_model/ and the final weights as model.safetensors (no pickle, '
+                             'cannot carry code; loads wherever a .pdparams does)')
     parser.add_argument('--opts', nargs='+', default=None, help='config overrides key=value, e.g. model.num_bases=32')
     add_verbose_flag(parser)
     add_paddleseg_train_flags(parser)
@@ -55,7 +58,7 @@ def main(args):
                      save_interval=args.save_interval, log_iters=args.log_iters,
                      keep_checkpoint_max=args.keep_checkpoint_max, seed=args.seed, precision=args.precision,
                      amp_level=args.amp_level, eval_options=InferenceOptions.from_config(cfg.test_config),
-                     log_attention=args.log_attention)
+                     log_attention=args.log_attention, save_safetensors=args.save_safetensors)
 
 
 if __name__ == '__main__':

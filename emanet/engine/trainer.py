@@ -99,8 +99,9 @@ def find_latest_checkpoint(save_dir):
     return os.path.join(save_dir, f'{CHECKPOINT_PREFIX}{max(iters)}') if iters else None
 
 
-def save_checkpoint(folder, model, optimizer, state, scaler=None):
-    """Write model.pdparams, model.pdopt and train_state.json into ``folder`` atomically.
+def save_checkpoint(folder, model, optimizer, state, scaler=None, safetensors=False):
+    """Write model.pdparams, model.pdopt and train_state.json (with ``safetensors`` also the weights as
+    model.safetensors, a file that cannot carry code) into ``folder`` atomically.
 
     Weights are saved in float32 (under AMP O2, the optimizer's master copies); the GradScaler's
     state goes into train_state.json. The files go to ``folder.part`` first; the rename to
@@ -110,7 +111,10 @@ def save_checkpoint(folder, model, optimizer, state, scaler=None):
     partial = folder + '.part'
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
-    save_state(float32_state_dict(model, optimizer), os.path.join(partial, 'model.pdparams'))
+    weights = float32_state_dict(model, optimizer)
+    save_state(weights, os.path.join(partial, 'model.pdparams'))
+    if safetensors:
+        save_state(weights, os.path.join(partial, 'model.safetensors'))
     save_state(optimizer_state_by_structure(model, optimizer), os.path.join(partial, 'model.pdopt'))
     if scaler_state(scaler):
         state = dict(state, grad_scaler=scaler_state(scaler))
@@ -169,14 +173,16 @@ def format_eta(seconds):
 
 def train(cfg, save_dir='output', device='cpu', num_workers=0, do_eval=False, use_vdl=False,
           resume_model=None, save_interval=1000, log_iters=10, keep_checkpoint_max=5, seed=None,
-          precision='fp32', amp_level='O1', eval_options=InferenceOptions(), log_attention=False):
+          precision='fp32', amp_level='O1', eval_options=InferenceOptions(), log_attention=False,
+          save_safetensors=False):
     """Train the model of a loaded config (``emanet.config.load_config``) and return the final model.
 
     Checkpoints land in ``save_dir/iter_N`` every ``save_interval`` iterations (and at the
     end); with ``do_eval`` each is evaluated (with ``eval_options``, the config's test_config)
     and the best by mIoU is copied to ``save_dir/best_model``. ``resume_model`` is an iter_N
     folder, or 'latest'. With ``log_attention`` (and ``use_vdl``, ``do_eval``) each evaluation also
-    puts pictures of the EM unit's attention on the first val images into VisualDL.
+    puts pictures of the EM unit's attention on the first val images into VisualDL. With
+    ``save_safetensors`` best_model/ and the last iteration's folder also hold model.safetensors.
     """
     if log_attention and not (use_vdl and do_eval):
         raise InvalidInput("log_attention puts pictures into VisualDL at each evaluation: it needs use_vdl and do_eval")
@@ -307,11 +313,13 @@ def train(cfg, save_dir='output', device='cpu', num_workers=0, do_eval=False, us
                             writer.add_scalar('Evaluate/mIoU', evaluation['miou'], iteration)
                             writer.add_scalar('Evaluate/Acc', evaluation['acc'], iteration)
                         if best['iter'] == iteration:
-                            save_checkpoint(os.path.join(save_dir, 'best_model'), model, optimizer, state, scaler)
+                            save_checkpoint(os.path.join(save_dir, 'best_model'), model, optimizer, state, scaler,
+                                            safetensors=save_safetensors)
                         logger.info("[EVAL] The model with the best validation mIoU (%.4f) was saved at iter %d.",
                                     best['miou'], best['iter'])
                     folder = os.path.join(save_dir, f'{CHECKPOINT_PREFIX}{iteration}')
-                    save_checkpoint(folder, model, optimizer, state, scaler)
+                    save_checkpoint(folder, model, optimizer, state, scaler,
+                                    safetensors=save_safetensors and iteration == total_iters)
                     remove_old_checkpoints(save_dir, keep_checkpoint_max)
             tic = time.time()
 

@@ -130,3 +130,16 @@ def test_evaluation_keeps_the_best_model_and_visualdl_gets_the_scalars(tiny_conf
     records = b''.join(p.read_bytes() for p in out.glob('vdlrecords.*.log'))
     for tag in (b'Train/loss', b'Train/lr', b'Evaluate/mIoU'):
         assert tag in records
+
+
+def test_best_and_final_weights_can_also_be_saved_as_safetensors(tiny_config, tmp_path):
+    out = tmp_path / 'out'
+    train(load_config(tiny_config()), save_dir=str(out), save_interval=3, do_eval=True, seed=0, save_safetensors=True)
+    assert sorted(os.listdir(out / 'iter_6')) == ['model.pdopt', 'model.pdparams', 'model.safetensors',
+                                                  'train_state.json']
+    assert 'model.safetensors' not in os.listdir(out / 'iter_3')  # only the final and the best weights
+    for folder in (out / 'iter_6', out / 'best_model'):
+        pickled, safe = read_state(str(folder / 'model.pdparams')), read_state(str(folder / 'model.safetensors'))
+        assert pickled.keys() == safe.keys()
+        for key in pickled:
+            np.testing.assert_array_equal(safe[key], pickled[key], err_msg=key)
