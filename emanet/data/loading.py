@@ -3,16 +3,33 @@
 Training order and augmentation are functions of (seed, iteration) alone, so a run
 resumed from a checkpoint sees exactly the batches an uninterrupted run would have,
 whatever the number of loader workers.
+
+A bad sample ends a run in one SampleError naming its file: all of a sample's work happens in
+``load_sample``, which checks the files from their headers before anything decodes them.
 """
 import contextlib
+import os
 import random
 import signal
 import threading
 
+import cv2
 import numpy as np
 import paddle
 from paddle.io import multiprocess_utils as paddle_multiprocess
-from PIL import Image
+from PIL import ExifTags, Image
+
+from emanet.errors import InvalidInput, UserError
+
+# The most pixels an image or label may declare, checked in its header before anything decodes it:
+# a file of a few bytes can declare 40000x40000 pixels, and cv2.imread would allocate them all.
+# 2^27 (16384x8192) stays below PIL's own refusal, 2 x PIL.Image.MAX_IMAGE_PIXELS (179 million).
+MAX_SAMPLE_PIXELS = 2 ** 27
+MAX_PIXELS_VARIABLE = 'EMANET_MAX_SAMPLE_PIXELS'
+# PIL modes that PaddleSeg reads as one 8-bit class index per pixel (a palette PNG gives its indices).
+LABEL_MODES = ('L', 'P', '1')
+# EXIF orientations that turn an image by a quarter: cv2.imread applies them, PIL's header size does not.
+QUARTER_TURNS = (5, 6, 7, 8)
 
 
 def _mix(*values):
@@ -61,7 +78,7 @@ class ResumableBatchSampler(paddle.io.BatchSampler):
         return self.total_iters - self.start_iter
 
 
-class SampleError(RuntimeError):
+class SampleError(UserError, RuntimeError):
     """An image or label that cannot be used; the message names the files.
 
     Policy: training and evaluation stop at the first such sample rather than skip it, since
@@ -70,29 +87,135 @@ class SampleError(RuntimeError):
     """
 
 
-def load_sample(dataset, index):
-    """``dataset[index]``, with unreadable files and image/label size mismatches named in one error."""
+def max_sample_pixels():
+    """The pixel limit of images and labels: $EMANET_MAX_SAMPLE_PIXELS if set, else MAX_SAMPLE_PIXELS."""
+    text = os.environ.get(MAX_PIXELS_VARIABLE)
+    if text is None:
+        return MAX_SAMPLE_PIXELS
+    if not text.isdigit() or int(text) == 0:
+        raise InvalidInput(f"{MAX_PIXELS_VARIABLE} must be a positive whole number of pixels, got '{text}'")
+    return int(text)
+
+
+def load_sample(dataset, index, max_pixels=None):
+    """(image, label, trans_info) of ``dataset[index]``: the image float32 [channels, height, width]
+    after the dataset's transforms, the label int64 [height, width] (None in a split without labels).
+
+    All of a sample's work happens here, in one guard: its files checked from their headers
+    (``check_files``), PaddleSeg's decoding and transforms, the label's values. Whatever fails ends
+    as one SampleError naming the files. ``max_pixels``: by default ``max_sample_pixels()``.
+    """
     image_path, label_path = dataset.file_list[index][:2]
     files = image_path if label_path is None else f"{image_path} (label {label_path})"
+    if max_pixels is None:
+        max_pixels = max_sample_pixels()
     try:
+        check_files(image_path, label_path, max_pixels)
+        data = dataset[index]
+        image = data['img'].astype('float32')
+        label = None
         if label_path is not None:
-            with Image.open(image_path) as image, Image.open(label_path) as label:
-                if image.size != label.size:
-                    raise SampleError(f"{files}: the image is {image.size[0]}x{image.size[1]} "
-                                      f"but its label is {label.size[0]}x{label.size[1]}")
-        return dataset[index]
+            label = np.asarray(data['label']).astype('int64')
+            label = label.reshape(label.shape[-2:])  # PaddleSeg gives val labels as [1, H, W]
+            check_label_range(label, dataset, index)
+        return image, label, data.get('trans_info', [])
     except SampleError:
         raise
-    except AttributeError:  # PaddleSeg calls .astype on what cv2.imread returned: None
-        raise SampleError(f"{files}: the image cannot be decoded (corrupt, or not an image)") from None
+    except Exception as err:  # whatever else PaddleSeg's reading and transforms meet in these files
+        reason = ' '.join(f"{err.__class__.__name__}: {err}".split())
+        raise SampleError(f"{files}: cannot be used ({reason})") from None
+
+
+def check_files(image_path, label_path, max_pixels):
+    """Refuse a sample whose files are missing, declare more than ``max_pixels`` pixels or are cut short,
+    whose image OpenCV cannot decode, whose label is not one 8-bit channel, or whose image and label
+    differ in size. From the headers, before anything decodes the files (except the check of a
+    JPEG's end, which decodes at 1/8 scale)."""
+    with open_header(image_path, max_pixels) as image:
+        image_format = image.format
+        turned = 'exif' in image.info and image.getexif().get(ExifTags.Base.Orientation) in QUARTER_TURNS
+        width, height = image.size[::-1] if turned else image.size
+        check_complete(image, image_path)
+    if not cv2.haveImageReader(image_path):
+        raise SampleError(f"{image_path}: OpenCV, which PaddleSeg reads images with, cannot decode "
+                          f"{image_format} images")
+    if label_path is None:
+        return
+    with open_header(label_path, max_pixels) as label:
+        check_label_mode(label, label_path)
+        label_width, label_height = label.size
+        check_complete(label, label_path)
+    if (width, height) != (label_width, label_height):
+        as_turned = ' as turned by its EXIF orientation' if turned else ''
+        raise SampleError(f"{image_path} (label {label_path}): the image is {width}x{height}{as_turned} "
+                          f"but its label is {label_width}x{label_height}")
+
+
+def open_header(path, max_pixels):
+    """``path`` opened by PIL, which reads its header alone; refused if missing or too large."""
+    if not os.path.isfile(path):
+        if os.path.islink(path) and not os.path.exists(path):
+            raise SampleError(f"{path}: missing: a symbolic link to {os.readlink(path)}, which does not exist")
+        raise SampleError(f"{path}: not a file" if os.path.exists(path) else f"{path}: missing")
+    try:
+        image = Image.open(path)
+    except Image.DecompressionBombError:  # PIL refuses before telling the size
+        raise SampleError(f"{path}: declares more than the {2 * Image.MAX_IMAGE_PIXELS:,} pixels PIL will "
+                          "open (PIL.Image.MAX_IMAGE_PIXELS); not decoded") from None
+    except Image.UnidentifiedImageError:
+        raise SampleError(f"{path}: cannot be opened as an image (not an image, or a damaged one)") from None
+    except OSError as err:
+        if err.errno is not None:  # the file system's (permission denied...), named by load_sample
+            raise
+        raise SampleError(f"{path}: the file is cut short or damaged ({err})") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise SampleError(f"{path}: declares {width}x{height} pixels, more than the {max_pixels:,} allowed "
+                          f"({MAX_PIXELS_VARIABLE}); not decoded")
+    return image
+
+
+def check_complete(image, path):
+    """Refuse a PNG or JPEG cut short (cv2 decodes a truncated JPEG without a word, grey where data is
+    missing). Ends the use of ``image``."""
+    try:
+        if image.format == 'PNG':
+            image.verify()  # reads every chunk and checks its CRC, without decompressing
+        elif image.format in ('JPEG', 'MPO'):  # MPO: a camera's JPEG with more pictures after it
+            image.draft(None, (1, 1))  # decoding at 1/8 scale still reads every byte of the scan
+            image.load()
     except Exception as err:
-        raise SampleError(f"{files}: cannot be read ({err.__class__.__name__}: {err})") from None
+        raise SampleError(f"{path}: the file is cut short or damaged ({err})") from None
+
+
+def check_label_mode(label, path):
+    """Refuse a label that is not one 8-bit channel: PaddleSeg would take its channels or bits as they are."""
+    channels = len(label.getbands())
+    if channels > 1:
+        raise SampleError(f"{path}: the label has {channels} channels ({label.mode}); labels are single-channel "
+                          "class indices (a grayscale or palette PNG)")
+    if label.mode not in LABEL_MODES:
+        bits = 16 if label.mode.startswith('I;16') else 32
+        raise SampleError(f"{path}: the label is {bits}-bit (PIL mode {label.mode}); labels are 8-bit class indices")
+
+
+def check_label_range(label, dataset, index):
+    num_classes = dataset.num_classes
+    ignore_index = getattr(dataset, 'ignore_index', 255)
+    bad = (label >= num_classes) | (label < 0)
+    bad &= label != ignore_index
+    if bad.any():
+        values = sorted(set(np.unique(label[bad]).tolist()))[:5]
+        raise SampleError(f"{dataset.file_list[index][1]}: label values {values} are outside "
+                          f"[0, {num_classes}) and are not the ignore index {ignore_index}")
 
 
 # Paddle's DataLoader cannot carry an exception out of its reader: with num_workers=0 the
 # main thread then waits forever, with workers it raises a SystemError without the message.
 # So a bad sample travels as data: a one-element "image" (no real image is 1-D) and its
-# message as uint8 bytes. (Zero-size arrays cannot cross the workers' shared memory.)
+# message as uint8 bytes. (Zero-size arrays cannot cross the workers' shared memory.) Only a
+# SampleError becomes such data, and load_sample lets no other exception out of a sample.
 def _error_sample(err):
     return np.zeros(1, 'float32'), np.frombuffer(str(err).encode(), np.uint8).copy()
 
@@ -118,32 +241,29 @@ def batches(loader):
     for dead workers) for the rest of the process: with it in place, a later child process exiting
     (a ``subprocess.run``) crashed a process in which OpenVINO, ONNX Runtime and Paddle Inference had
     run (a segmentation fault in the test suite; gone with the handler restored).
+
+    Paddle's iterator itself is freed when the block ends: the block gets a generator over it, closed
+    then. A traceback keeps the caller's frame alive; with it the iterator and its C++ reader
+    threads' locks, and a loader worker forked later hung on freeing them (seen in the tests,
+    where pytest keeps each failure's traceback).
     """
     restore_sigchld = threading.current_thread() is threading.main_thread()
     sigchld_handler = signal.getsignal(signal.SIGCHLD) if restore_sigchld else None
     iterator = iter(loader)
+    each_batch = (batch for batch in iterator)
     try:
-        yield iterator
+        yield each_batch
     finally:
         iterator._try_shutdown_all()  # what the iterator's __del__ would do, now
+        each_batch.close()
+        loader._iterator = None  # a loader with persistent workers keeps its iterator for the next pass
         if restore_sigchld and signal.getsignal(signal.SIGCHLD) is not sigchld_handler:
             signal.signal(signal.SIGCHLD, sigchld_handler)
             paddle_multiprocess._SIGCHLD_handler_set = False  # the next loader with workers sets it again
 
 
-def check_label_range(label, dataset, index):
-    num_classes = dataset.num_classes
-    ignore_index = getattr(dataset, 'ignore_index', 255)
-    bad = (label >= num_classes) | (label < 0)
-    bad &= label != ignore_index
-    if bad.any():
-        values = sorted(set(np.unique(label[bad]).tolist()))[:5]
-        raise SampleError(f"{dataset.file_list[index][1]}: label values {values} are outside "
-                          f"[0, {num_classes}) and are not the ignore index {ignore_index}")
-
-
 class TrainSamples(paddle.io.Dataset):
-    """(image, label) pairs from a PaddleSeg dataset, with augmentation seeded per (seed, epoch, index).
+    """(image, label, image path) from a PaddleSeg dataset, with augmentation seeded per (seed, epoch, index).
 
     Labels are checked: a value outside [0, num_classes) that is not the ignore index
     stops training with the file's name instead of a CUDA assert or a silent wrong loss.
@@ -152,6 +272,7 @@ class TrainSamples(paddle.io.Dataset):
     def __init__(self, dataset, seed):
         self.dataset = dataset
         self.seed = seed
+        self.max_pixels = max_sample_pixels()
 
     def __getitem__(self, key):
         epoch, index = key
@@ -159,22 +280,28 @@ class TrainSamples(paddle.io.Dataset):
         np.random.seed(sample_seed)
         random.seed(sample_seed)
         try:
-            data = load_sample(self.dataset, index)
-            label = data['label'].astype('int64')
-            check_label_range(label, self.dataset, index)
+            image, label, _ = load_sample(self.dataset, index, self.max_pixels)
         except SampleError as err:
-            return _error_sample(err)
-        return data['img'].astype('float32'), label
+            return (*_error_sample(err), None)
+        return image, label, self.dataset.file_list[index][0]
 
     def __len__(self):
         return len(self.dataset)
 
 
 def collate_train(samples):
-    """Stack (image, label) samples into a batch; a bad sample makes the whole batch its error."""
-    for image, label in samples:
+    """Stack (image, label, image path) samples into a batch (images, labels). A bad sample makes the
+    whole batch its error, and so do images that the training transforms left in different sizes."""
+    for image, label, _ in samples:
         if _is_error(image):
             return image, label
+    path_of_size = {}
+    for image, _, path in samples:
+        path_of_size.setdefault(image.shape, path)
+    if len(path_of_size) > 1:
+        sizes = ', '.join(f"{path} is {shape[2]}x{shape[1]}" for shape, path in path_of_size.items())
+        return _error_sample(SampleError(f"the images of one training batch differ in size after the transforms: "
+                                         f"{sizes}; add a crop or a resize to the training transforms"))
     return np.stack([s[0] for s in samples]), np.stack([s[1] for s in samples])
 
 
@@ -187,17 +314,13 @@ class EvalSamples(paddle.io.Dataset):
     def __init__(self, dataset, indices=None):
         self.dataset = dataset
         self.indices = list(range(len(dataset))) if indices is None else list(indices)
+        self.max_pixels = max_sample_pixels()
 
     def __getitem__(self, position):
-        index = self.indices[position]
         try:
-            data = load_sample(self.dataset, index)
-            label = data['label'].astype('int64')
-            label = label.reshape(label.shape[-2:])  # PaddleSeg gives val labels as [1, H, W]
-            check_label_range(label, self.dataset, index)
+            return load_sample(self.dataset, self.indices[position], self.max_pixels)
         except SampleError as err:
             return (*_error_sample(err), [])
-        return data['img'].astype('float32'), label, data.get('trans_info', [])
 
     def __len__(self):
         return len(self.indices)
