@@ -56,7 +56,7 @@ def configure(config, kind, gpu_id, precision, cpu_threads=None):
     config.set_cpu_math_library_num_threads(cpu_threads or os.cpu_count())
     if precision == 'bf16':
         if not core.supports_bfloat16():
-            raise Unsupported("bf16 needs a CPU with AVX-512 (oneDNN's bf16 kernels); this one has none, use fp32")
+            raise InvalidInput("bf16 needs a CPU with AVX-512 (oneDNN's bf16 kernels); this one has none, use fp32")
         config.enable_mkldnn_bfloat16()
     return config
 
@@ -119,7 +119,7 @@ class PaddleInferenceSegmenter(ExportedSegmenter):
     def __init__(self, deploy_path, device='cpu', precision='fp32', cpu_threads=None):
         super().__init__(deploy_path)
         if precision == 'bf16' and self.deploy['model'].endswith('.pdmodel'):
-            raise Unsupported("bf16 needs the model.json export: Paddle 3.3 runs a legacy model.pdmodel in fp32 "
+            raise InvalidInput("bf16 needs the model.json export: Paddle 3.3 runs a legacy model.pdmodel in fp32 "
                              "only (export without --legacy_program for bf16)")
         config = inference_config(self.deploy['model'], self.deploy['params'], device, precision, cpu_threads)
         self.predictor = inference.create_predictor(config)

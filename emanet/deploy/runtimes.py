@@ -22,7 +22,7 @@ def require(module, purpose):
 
 def _cpu_only(device, backend):
     if parse_device(device)[0] != 'cpu':
-        raise Unsupported(f"{backend} runs here on CPU only; on a GPU use --backend paddle with a Paddle export")
+        raise InvalidInput(f"{backend} runs here on CPU only; on a GPU use --backend paddle with a Paddle export")
 
 
 def cpu_flags():
@@ -73,7 +73,7 @@ class OpenVINOSegmenter(ExportedSegmenter):
         if precision not in self.PRECISION_HINTS:
             raise InvalidInput(f"OpenVINO runs fp32 or bf16 (an int8 export is int8 either way), got '{precision}'")
         if precision == 'bf16' and not has_fast_bf16():
-            raise Unsupported("bf16 needs a CPU with AVX-512 bf16 or AMX; this one has neither, use fp32")
+            raise InvalidInput("bf16 needs a CPU with AVX-512 bf16 or AMX; this one has neither, use fp32")
         ov = require('openvino', 'OpenVINO inference')
         config = {'INFERENCE_PRECISION_HINT': self.PRECISION_HINTS[precision]}
         if cpu_threads:
