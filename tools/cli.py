@@ -6,6 +6,7 @@ import sys
 
 from emanet.config import build_model, load_config
 from emanet.deploy.predictor import BACKEND_FORMATS, load_exported
+from emanet.engine.distributed import stop_together
 from emanet.engine.inference import ModelSegmenter
 from emanet.errors import InvalidInput, UserError
 from emanet.logger import logger, setup_logging
@@ -131,11 +132,13 @@ def load_config_from_args(args, training=True):
 def run_cli(main, args):
     """Run a tool's main; a user error ends in one line on stderr and exit code 2.
 
-    Set EMANET_DEBUG=1 to see the full traceback instead.
+    Under paddle.distributed.launch, one process's error ends the others too, each saying which
+    process stopped and why (``stop_together``). Set EMANET_DEBUG=1 to see the full traceback instead.
     """
     setup_logging()
     try:
-        main(args)
+        with stop_together():
+            main(args)
     except USER_ERRORS as err:
         if os.environ.get('EMANET_DEBUG'):
             raise

@@ -19,7 +19,7 @@ from emanet.checkpoint import (float32_state_dict, load_optimizer_state, load_we
                                optimizer_state_by_structure, read_state, save_state)
 from emanet.config import Builder
 from emanet.data.loading import ResumableBatchSampler, TrainSamples, batches, collate_train, raise_if_error
-from emanet.engine.distributed import average_batch_norm_statistics
+from emanet.engine.distributed import average_batch_norm_statistics, average_gradients, data_parallel
 from emanet.engine.attention import log_attention_pictures
 from emanet.engine.evaluate import evaluate
 from emanet.engine.metrics import json_ready
@@ -226,7 +226,7 @@ def train(cfg, save_dir='output', device='cpu', num_workers=0, do_eval=False, us
     if world_size > 1 and device.startswith('gpu'):
         model = paddle.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model, optimizer = decorate_for_amp(model, optimizer, autocast)
-    trained_model = paddle.DataParallel(model) if world_size > 1 else model
+    trained_model = data_parallel(model)
 
     sampler = ResumableBatchSampler(len(train_dataset), batch_size, total_iters, seed,
                                     start_iter=start_iter, rank=rank, world_size=world_size)
@@ -263,10 +263,12 @@ def train(cfg, save_dir='output', device='cpu', num_workers=0, do_eval=False, us
                                        f"good checkpoint is {find_latest_checkpoint(save_dir) or 'none'}")
             if scaler is not None:
                 scaler.scale(loss).backward()
+                average_gradients(trained_model)
                 scaler.step(optimizer)
                 scaler.update()
             else:
                 loss.backward()
+                average_gradients(trained_model)
                 optimizer.step()
             optimizer.clear_grad()
             lr = optimizer.get_lr()
