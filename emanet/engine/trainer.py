@@ -19,7 +19,8 @@ from emanet.checkpoint import (float32_state_dict, load_optimizer_state, load_we
                                optimizer_state_by_structure, read_state, save_state)
 from emanet.config import Builder
 from emanet.data.loading import ResumableBatchSampler, TrainSamples, batches, collate_train, raise_if_error
-from emanet.engine.distributed import average_batch_norm_statistics, average_gradients, data_parallel
+from emanet.engine.distributed import (average_batch_norm_statistics, average_gradients, data_parallel,
+                                       wait_for_peers)
 from emanet.engine.attention import log_attention_pictures
 from emanet.engine.evaluate import evaluate
 from emanet.engine.metrics import json_ready
@@ -323,6 +324,9 @@ def train(cfg, save_dir='output', device='cpu', num_workers=0, do_eval=False, us
                     save_checkpoint(folder, model, optimizer, state, scaler,
                                     safetensors=save_safetensors and iteration == total_iters)
                     remove_old_checkpoints(save_dir, keep_checkpoint_max)
+                # The others wait for process 0's writes here, not in gloo's next all-reduce, which gives
+                # up after 30 seconds (a large checkpoint on a slow disk takes longer).
+                wait_for_peers()
             tic = time.time()
 
     if writer is not None:
