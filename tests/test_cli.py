@@ -65,6 +65,9 @@ def test_only_errors_a_user_can_fix_lose_their_traceback(capsys, monkeypatch):
         run_cli(fails_with(ConfigError("c.yml: unknown key 'iter'")), None)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "error: c.yml: unknown key 'iter'\n"
+    with pytest.raises(SystemExit):  # a full disk is the user's to fix too
+        run_cli(fails_with(OSError(28, 'No space left on device', 'out/iter_4.part/model.pdparams')), None)
+    assert capsys.readouterr().err == "error: [Errno 28] No space left on device: 'out/iter_4.part/model.pdparams'\n"
     # A bug (here a RuntimeError from deep inside a library) keeps its traceback.
     with pytest.raises(RuntimeError, match='an internal invariant broke'):
         run_cli(fails_with(RuntimeError('an internal invariant broke')), None)

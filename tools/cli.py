@@ -1,6 +1,7 @@
 """What the command-line tools share: flags, config loading, the segmenter --model_path names, and
 one-sentence errors. A module of the tools, not of the emanet package."""
 import argparse
+import errno
 import os
 import sys
 
@@ -13,9 +14,14 @@ from emanet.logger import logger, setup_logging
 from emanet.runtime import parse_device
 from emanet.segmenter import InferenceOptions
 
-# Errors a user can fix (a file, a flag, a key); the tools print their message alone. Any other
-# exception is a bug and keeps its traceback.
-USER_ERRORS = (UserError, FileNotFoundError)
+# Errors a user can fix (a file, a flag, a key, a full disk); the tools print their message alone.
+# Any other exception is a bug and keeps its traceback.
+USER_ERRORS = (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+USER_OS_ERRORS = tuple(getattr(errno, name) for name in ('ENOSPC', 'EDQUOT', 'EROFS') if hasattr(errno, name))
+
+
+def is_user_error(err):
+    return isinstance(err, USER_ERRORS) or (isinstance(err, OSError) and err.errno in USER_OS_ERRORS)
 
 
 def positive_int(text):
@@ -139,8 +145,8 @@ def run_cli(main, args):
     try:
         with stop_together():
             main(args)
-    except USER_ERRORS as err:
-        if os.environ.get('EMANET_DEBUG'):
+    except Exception as err:
+        if not is_user_error(err) or os.environ.get('EMANET_DEBUG'):
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
