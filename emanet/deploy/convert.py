@@ -14,6 +14,7 @@ refused before any work (``--save_dir output`` must never touch a training run's
 """
 import contextlib
 import os
+import secrets
 import shutil
 import tempfile
 
@@ -68,17 +69,22 @@ def staged_folder(save_dir):
     If the block fails or is not published, the staging folder (which this process created) is
     removed and ``save_dir`` is untouched.
     """
-    save_dir = os.path.abspath(save_dir)
-    parent = os.path.dirname(save_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(save_dir)}.', suffix='.part', dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; an export folder is an ordinary one
+    os.makedirs(os.path.dirname(os.path.abspath(save_dir)), exist_ok=True)
+    staging = _unused_name_beside(save_dir, '.part')
+    os.mkdir(staging)  # not mkdtemp, whose folders are private: an export folder is an ordinary one
     try:
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _unused_name_beside(save_dir, suffix):
+    """A hidden name in the folder of ``save_dir`` that nothing holds yet: '.<name>.<random><suffix>'."""
+    save_dir = os.path.abspath(save_dir)
+    while True:
+        name = os.path.join(os.path.dirname(save_dir), f'.{os.path.basename(save_dir)}.{secrets.token_hex(4)}{suffix}')
+        if not os.path.lexists(name):
+            return name
 
 
 def publish(staging, save_dir):
@@ -87,9 +93,7 @@ def publish(staging, save_dir):
     check_export_folder(save_dir)  # again: the folder may have changed while the export ran
     previous = None
     if os.path.isdir(save_dir):
-        previous = tempfile.mkdtemp(prefix=f'.{os.path.basename(save_dir)}.', suffix='.old',
-                                    dir=os.path.dirname(os.path.abspath(save_dir)))
-        os.rmdir(previous)
+        previous = _unused_name_beside(save_dir, '.old')
         os.replace(save_dir, previous)
     os.replace(staging, save_dir)
     if previous is not None:
