@@ -5,9 +5,14 @@ from setuptools import find_packages, setup
 
 here = Path(__file__).parent
 version = re.search(r"__version__ = '([^']+)'", (here / 'emanet' / '__init__.py').read_text()).group(1)
-# paddlepaddle is left out so that an installed paddlepaddle-gpu is not replaced by the CPU build.
+# Left out of what installing the package asks for, so that it never replaces what an environment has:
+# paddlepaddle (an installed paddlepaddle-gpu would be replaced by the CPU build) and OpenCV (the user's
+# opencv-python, -headless or -contrib wheel provides the same cv2; a second one would overwrite it).
+# paddleseg 2.8.0 is not named either: its metadata pins opencv-python<=4.6.0, so pip would install that
+# beside the user's OpenCV; it is installed with --no-deps (requirements-paddleseg.txt).
+NOT_REQUIRED = ('paddlepaddle', 'opencv-python-headless')
 requirements = [line.split('#')[0].strip() for line in (here / 'requirements.txt').read_text().splitlines()]
-requirements = [r for r in requirements if r and not r.startswith('paddlepaddle')]
+requirements = [r for r in requirements if r and not r.startswith(NOT_REQUIRED)]
 
 setup(
     name='emanet-paddle',
@@ -16,7 +21,7 @@ setup(
     long_description=(here / 'README.md').read_text(),
     long_description_content_type='text/markdown',
     packages=find_packages(include=['emanet', 'emanet.*']),
-    python_requires='>=3.8',
+    python_requires='>=3.9',
     install_requires=requirements,
     # pip install emanet-paddle[deploy]: ONNX, ONNX Runtime, OpenVINO and int8 quantization.
     extras_require={'deploy': [line.split('#')[0].strip() for line in
