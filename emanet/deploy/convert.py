@@ -100,11 +100,18 @@ def publish(staging, save_dir):
         shutil.rmtree(previous, ignore_errors=True)
 
 
+def onnx_converter():
+    """paddle2onnx, which every ONNX and OpenVINO export goes through; raises ``Unsupported`` in one
+    sentence where it is missing (or has no wheel for this Python)."""
+    paddle2onnx = require('paddle2onnx', 'Exporting to ONNX or OpenVINO')
+    require('onnx_graphsurgeon', 'ONNX constant folding')  # else polygraphy would pip-install it
+    return paddle2onnx
+
+
 def to_onnx(paddle_dir, save_dir):
     """Convert the Paddle export in ``paddle_dir`` to save_dir/model.onnx (+ deploy.yaml)."""
     deploy = read_deploy_config(paddle_dir)
-    paddle2onnx = require('paddle2onnx', 'ONNX export')
-    require('onnx_graphsurgeon', 'ONNX constant folding')  # else polygraphy would pip-install it
+    paddle2onnx = onnx_converter()
     os.makedirs(save_dir, exist_ok=True)
     path = os.path.join(save_dir, 'model.onnx')
     paddle2onnx.export(deploy['model'], deploy['params'], save_file=path, opset_version=ONNX_OPSET,
@@ -182,6 +189,8 @@ def export_checked(model, save_dir, transforms_cfg, check_images, export_format=
     if not check_images:
         raise ValueError("export_checked needs at least one image to check the export on")
     check_export_folder(save_dir)
+    if export_format != 'paddle':
+        onnx_converter()  # before any work: says so where paddle2onnx cannot be had
     with staged_folder(save_dir) as staging, tempfile.TemporaryDirectory(prefix='emanet_export_') as work:
         paddle_dir = staging if export_format == 'paddle' else os.path.join(work, 'paddle')
         export_model(model, paddle_dir, transforms_cfg, input_shape=input_shape, output_op=output_op)

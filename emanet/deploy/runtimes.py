@@ -4,20 +4,31 @@ Both are optional (``pip install -r requirements-deploy.txt``); they run on CPU.
 (``emanet.deploy.predictor``) stays the runtime for GPUs.
 """
 import os
+import sys
 
 from emanet.deploy.predictor import ExportedSegmenter
 from emanet.errors import InvalidInput, Unsupported
 from emanet.runtime import cpu_info, parse_device
 
 DEPLOY_EXTRA = 'pip install -r requirements-deploy.txt'
+# Deploy packages that PyPI has no wheel of for every Python: the first and last Python with one.
+WHEEL_PYTHONS = {'paddle2onnx': ((3, 8), (3, 12))}
 
 
 def require(module, purpose):
-    """Import an optional deploy dependency, or one clear error saying how to install it."""
+    """Import an optional deploy dependency, or one clear error saying how to install it (or that
+    this Python has no wheel of it)."""
     try:
         return __import__(module)
     except ImportError:
-        raise Unsupported(f"{purpose} needs the '{module}' package: {DEPLOY_EXTRA}") from None
+        pass
+    python = sys.version_info[:2]
+    first, last = WHEEL_PYTHONS.get(module, (python, python))
+    if not first <= python <= last:
+        raise Unsupported(f"{purpose} needs the '{module}' package, which has wheels for Python "
+                          f"{first[0]}.{first[1]} to {last[0]}.{last[1]} only, not for this Python "
+                          f"{python[0]}.{python[1]}") from None
+    raise Unsupported(f"{purpose} needs the '{module}' package: {DEPLOY_EXTRA}") from None
 
 
 def _cpu_only(device, backend):

@@ -1,16 +1,20 @@
 """Every export format in every runtime: labels equal the dygraph model's, int8 close to them, and a
 corrupted conversion is refused by the export's own check."""
 import os
+import re
+import sys
 
 import numpy as np
 import onnx
 import pytest
 
-from emanet.deploy import convert
+from emanet.deploy import convert, runtimes
 from emanet.deploy.convert import ExportCheckError, export_checked, preprocessed_images
 from emanet.deploy.predictor import load_exported
-from emanet.deploy.runtimes import OnnxRuntimeSegmenter, OpenVINOSegmenter, has_fast_bf16
+from emanet.deploy.runtimes import OnnxRuntimeSegmenter, OpenVINOSegmenter, has_fast_bf16, require
+from emanet.errors import Unsupported
 
+from conftest import ONNX_EXPORT_MISSING, needs_onnx_export
 from deploy.test_export import TRANSFORMS, assert_labels_vary, dygraph_label, tiny_emanet
 
 SIZES = [(64, 96), (80, 48), (64, 96), (48, 64)]
@@ -30,6 +34,8 @@ def model():
 @pytest.fixture(scope='module')
 def exports(model, images, tmp_path_factory):
     """The tiny model exported (and checked) as onnx, openvino fp32 and openvino int8."""
+    if ONNX_EXPORT_MISSING:
+        pytest.skip(ONNX_EXPORT_MISSING)
     check = preprocessed_images(images, TRANSFORMS)
     folders = {}
     for name, export_format, calibration in (('onnx', 'onnx', None), ('openvino', 'openvino', None),
@@ -76,6 +82,7 @@ def test_a_runtime_that_cannot_read_a_format_is_one_clear_error(exports):
         load_exported(exports['onnx'], precision='bf16')
 
 
+@needs_onnx_export
 def test_a_corrupted_conversion_is_refused_and_removed(model, images, tmp_path, monkeypatch):
     real_to_onnx = convert.to_onnx
 
@@ -100,3 +107,31 @@ def test_a_corrupted_conversion_is_refused_and_removed(model, images, tmp_path, 
         export_checked(model, str(save_dir), TRANSFORMS, preprocessed_images(images, TRANSFORMS),
                        export_format='onnx')
     assert not save_dir.exists()
+
+
+def test_a_missing_runtime_package_is_one_sentence_saying_how_to_install_it():
+    with pytest.raises(Unsupported, match=r"^ONNX Runtime inference needs the 'no_such_runtime' package: "
+                                          r"pip install -r requirements-deploy\.txt$"):
+        require('no_such_runtime', 'ONNX Runtime inference')
+
+
+def test_a_package_without_a_wheel_for_this_python_names_the_pythons_it_has(monkeypatch):
+    python = '.'.join(map(str, sys.version_info[:2]))
+    monkeypatch.setitem(runtimes.WHEEL_PYTHONS, 'no_such_converter', ((2, 6), (2, 7)))
+    with pytest.raises(Unsupported, match=r"^Exporting to ONNX or OpenVINO needs the 'no_such_converter' package, "
+                                          rf"which has wheels for Python 2\.6 to 2\.7 only, not for this Python "
+                                          rf"{re.escape(python)}$"):
+        require('no_such_converter', 'Exporting to ONNX or OpenVINO')
+
+
+@pytest.mark.parametrize('export_format', ['onnx', 'openvino'])
+def test_without_a_paddle2onnx_wheel_onnx_and_openvino_exports_say_so_before_any_work(
+        model, images, tmp_path, monkeypatch, export_format):
+    monkeypatch.setitem(sys.modules, 'paddle2onnx', None)  # as on a Python it has no wheel for
+    monkeypatch.setitem(runtimes.WHEEL_PYTHONS, 'paddle2onnx', ((2, 6), (2, 7)))
+    monkeypatch.setattr(convert, 'export_model', lambda *args, **kwargs: pytest.fail('the export started'))
+    with pytest.raises(Unsupported, match=r"^Exporting to ONNX or OpenVINO needs the 'paddle2onnx' package, "
+                                          r"which has wheels for Python 2\.6 to 2\.7 only"):
+        export_checked(model, str(tmp_path / 'export'), TRANSFORMS, preprocessed_images(images, TRANSFORMS),
+                       export_format=export_format)
+    assert not (tmp_path / 'export').exists()
