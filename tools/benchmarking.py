@@ -41,13 +41,13 @@ from paddleseg.models import layers
 
 from emanet.checkpoint import load_weights, save_state
 from emanet.config import Builder, ConfigError, build_model, closest, load_config
-from emanet.deploy.convert import preprocessed_images, to_onnx, to_openvino
+from emanet.deploy.convert import onnx_converter, preprocessed_images, to_onnx, to_openvino
 from emanet.deploy.export import export_model, export_stage
 from emanet.deploy.predictor import load_exported
 from emanet.deploy.runtimes import has_fast_bf16, require
 from emanet.engine.evaluate import evaluate
 from emanet.engine.inference import infer_logits
-from emanet.errors import InvalidInput
+from emanet.errors import InvalidInput, Unsupported
 from emanet.models.losses import CrossEntropyLoss
 from emanet.logger import logger
 from emanet.models import EMAU, EMANet
@@ -92,6 +92,8 @@ ROWS = {
     'em_unit': 'EM unit',
     'non_local': 'non-local block (embedded Gaussian)',
 }
+# The rows that need an ONNX export (paddle2onnx).
+RUNTIME_ROWS = ('infer_onnxruntime_fp32', 'infer_openvino_fp32', 'infer_openvino_bf16', 'infer_openvino_int8')
 # Each measurement is a fresh process running this module's run_worker (a module beside the tools,
 # not part of the emanet package).
 WORKER_CODE = ('import sys; sys.path.insert(0, sys.argv[2]); from benchmarking import run_worker; '
@@ -615,6 +617,13 @@ def run_benchmark(model_spec, input_size=(1024, 512), train_size=(512, 256), tra
     if runs < 1 or rounds < 1 or warmup < 0:
         raise InvalidInput(f"need runs >= 1, rounds >= 1 and warmup >= 0, got runs {runs}, rounds {rounds}, "
                          f"warmup {warmup}")
+    runtimes_missing = None
+    if 'runtimes' not in skip and device == 'cpu':
+        try:
+            onnx_converter()
+        except Unsupported as error:  # no paddle2onnx (none for Python 3.13): the runtimes' rows say why
+            runtimes_missing = str(error)
+            skip = tuple(skip) + ('runtimes',)
     paddle.set_device(device)
     machine = machine_info(device, threads)
     threads = machine['threads']
@@ -645,6 +654,8 @@ def run_benchmark(model_spec, input_size=(1024, 512), train_size=(512, 256), tra
         del model
 
         jobs, unavailable = plan_jobs(skip, device, threads, machine['bf16_supported'])
+        if runtimes_missing:
+            unavailable.update({name: runtimes_missing for name in RUNTIME_ROWS})
         base = {'device': device, 'threads': threads, 'runs': runs, 'warmup': warmup, 'seed': seed,
                 'model': model_spec, 'weights': weights, 'exports': exports}
         shapes = {'eval': eval_shape, 'inference': eval_shape,
