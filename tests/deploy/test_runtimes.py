@@ -5,7 +5,6 @@ import re
 import sys
 
 import numpy as np
-import onnx
 import pytest
 
 from emanet.deploy import convert, runtimes
@@ -84,6 +83,7 @@ def test_a_runtime_that_cannot_read_a_format_is_one_clear_error(exports):
 
 @needs_onnx_export
 def test_a_corrupted_conversion_is_refused_and_removed(model, images, tmp_path, monkeypatch):
+    import onnx  # installed with paddle2onnx only
     real_to_onnx = convert.to_onnx
 
     def to_onnx_misreading_epsilon(paddle_dir, save_dir):
