@@ -54,8 +54,11 @@ class EMAU(nn.Layer):
         self.register_buffer('mu', F.normalize(initial, p=2, axis=1))  # [1, C, K]
 
     def forward(self, x):
-        shape = paddle.shape(x)  # [B, C, H, W], dynamic so exported models take any size
-        feats = x.detach().astype('float32').flatten(2)  # [B, C, N]
+        x32 = x.detach().astype('float32')
+        # [B, C, H, W], dynamic so exported models take any size; read from the float32 copy, as
+        # Paddle 3.0 has no CPU shape kernel for float16/bfloat16
+        shape = paddle.shape(x32)
+        feats = x32.flatten(2)  # [B, C, N]
         with paddle.no_grad(), paddle.amp.auto_cast(enable=False):
             bases, resp = self.em_steps(feats)
             recon = paddle.matmul(bases, resp, transpose_y=True)  # [B, C, N]
