@@ -25,10 +25,23 @@ def _onnx_export_missing():
     return None
 
 
+def _openvino_missing():
+    from emanet.deploy.runtimes import require
+    from emanet.errors import Unsupported
+    try:
+        require('openvino', 'OpenVINO export and inference')
+    except Unsupported as error:
+        return str(error)
+    return None
+
+
 # Why ONNX and OpenVINO exports cannot be made here (the sentence the export says), or None; the tests
-# of those formats skip with it (paddle2onnx has no wheel for Python 3.13).
+# of those formats skip with it (paddle2onnx has no wheel for Python 3.13, OpenVINO none that reads
+# this model's graph for 3.9).
 ONNX_EXPORT_MISSING = _onnx_export_missing()
+OPENVINO_MISSING = _openvino_missing()
 needs_onnx_export = pytest.mark.skipif(ONNX_EXPORT_MISSING is not None, reason=ONNX_EXPORT_MISSING or '')
+needs_openvino = pytest.mark.skipif(OPENVINO_MISSING is not None, reason=OPENVINO_MISSING or '')
 
 
 class Handler(http.server.BaseHTTPRequestHandler):

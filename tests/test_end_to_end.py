@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TOOLS, needs_onnx_export, street_scenes_config
+from conftest import TOOLS, needs_onnx_export, needs_openvino, street_scenes_config
 from cityscapes_eval import official_miou
 
 EVAL_LINE = re.compile(r'\[EVAL\] #Images: 3 mIoU: (0\.\d{4}) Acc: 0\.\d{4} Kappa: -?\d\.\d{4} Dice: 0\.\d{4}')
@@ -94,8 +94,9 @@ def test_export_then_infer_and_val_give_the_dygraph_results(trained):
 
 
 @needs_onnx_export
-@pytest.mark.parametrize('export_format, precision, backend', [('onnx', 'fp32', None), ('onnx', 'fp32', 'openvino'),
-                                                               ('openvino', 'fp32', None), ('openvino', 'int8', None)])
+@pytest.mark.parametrize('export_format, precision, backend', [
+    ('onnx', 'fp32', None), pytest.param('onnx', 'fp32', 'openvino', marks=needs_openvino),
+    pytest.param('openvino', 'fp32', None, marks=needs_openvino), pytest.param('openvino', 'int8', None, marks=needs_openvino)])
 def test_every_format_exports_checked_and_runs_through_infer_and_val(trained, export_format, precision, backend):
     work, images = trained['work'], trained['root'] / 'leftImg8bit' / 'val'
     folder = work / f'{export_format}_{precision}'

@@ -92,7 +92,7 @@ ROWS = {
     'em_unit': 'EM unit',
     'non_local': 'non-local block (embedded Gaussian)',
 }
-# The rows that need an ONNX export (paddle2onnx).
+# The rows that need an ONNX export (paddle2onnx) and OpenVINO.
 RUNTIME_ROWS = ('infer_onnxruntime_fp32', 'infer_openvino_fp32', 'infer_openvino_bf16', 'infer_openvino_int8')
 # Each measurement is a fresh process running this module's run_worker (a module beside the tools,
 # not part of the emanet package).
@@ -621,7 +621,8 @@ def run_benchmark(model_spec, input_size=(1024, 512), train_size=(512, 256), tra
     if 'runtimes' not in skip and device == 'cpu':
         try:
             onnx_converter()
-        except Unsupported as error:  # no paddle2onnx (none for Python 3.13): the runtimes' rows say why
+            require('openvino', 'OpenVINO export and inference')
+        except Unsupported as error:  # no paddle2onnx (3.13) or usable OpenVINO (3.9): the rows say why
             runtimes_missing = str(error)
             skip = tuple(skip) + ('runtimes',)
     paddle.set_device(device)

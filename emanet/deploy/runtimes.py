@@ -11,8 +11,10 @@ from emanet.errors import InvalidInput, Unsupported
 from emanet.runtime import cpu_info, parse_device
 
 DEPLOY_EXTRA = 'pip install -r requirements-deploy.txt'
-# Deploy packages that PyPI has no wheel of for every Python: the first and last Python with one.
-WHEEL_PYTHONS = {'paddle2onnx': ((3, 8), (3, 12))}
+# Deploy packages that PyPI has no usable wheel of for every Python: the first and last Python with
+# one, and what makes a wheel usable where older ones exist.
+WHEEL_PYTHONS = {'paddle2onnx': ((3, 8), (3, 12), ''),
+                 'openvino': ((3, 10), (3, 13), " that read this model's ONNX graph")}
 
 
 def require(module, purpose):
@@ -23,9 +25,9 @@ def require(module, purpose):
     except ImportError:
         pass
     python = sys.version_info[:2]
-    first, last = WHEEL_PYTHONS.get(module, (python, python))
+    first, last, usable = WHEEL_PYTHONS.get(module, (python, python, ''))
     if not first <= python <= last:
-        raise Unsupported(f"{purpose} needs the '{module}' package, which has wheels for Python "
+        raise Unsupported(f"{purpose} needs the '{module}' package, which has wheels{usable} for Python "
                           f"{first[0]}.{first[1]} to {last[0]}.{last[1]} only, not for this Python "
                           f"{python[0]}.{python[1]}") from None
     raise Unsupported(f"{purpose} needs the '{module}' package: {DEPLOY_EXTRA}") from None

@@ -13,7 +13,7 @@ from emanet.deploy.predictor import load_exported
 from emanet.deploy.runtimes import OnnxRuntimeSegmenter, OpenVINOSegmenter, has_fast_bf16, require
 from emanet.errors import Unsupported
 
-from conftest import ONNX_EXPORT_MISSING, needs_onnx_export
+from conftest import ONNX_EXPORT_MISSING, OPENVINO_MISSING, needs_onnx_export
 from deploy.test_export import TRANSFORMS, assert_labels_vary, dygraph_label, tiny_emanet
 
 SIZES = [(64, 96), (80, 48), (64, 96), (48, 64)]
@@ -33,8 +33,8 @@ def model():
 @pytest.fixture(scope='module')
 def exports(model, images, tmp_path_factory):
     """The tiny model exported (and checked) as onnx, openvino fp32 and openvino int8."""
-    if ONNX_EXPORT_MISSING:
-        pytest.skip(ONNX_EXPORT_MISSING)
+    if ONNX_EXPORT_MISSING or OPENVINO_MISSING:
+        pytest.skip(ONNX_EXPORT_MISSING or OPENVINO_MISSING)
     check = preprocessed_images(images, TRANSFORMS)
     folders = {}
     for name, export_format, calibration in (('onnx', 'onnx', None), ('openvino', 'openvino', None),
@@ -117,7 +117,7 @@ def test_a_missing_runtime_package_is_one_sentence_saying_how_to_install_it():
 
 def test_a_package_without_a_wheel_for_this_python_names_the_pythons_it_has(monkeypatch):
     python = '.'.join(map(str, sys.version_info[:2]))
-    monkeypatch.setitem(runtimes.WHEEL_PYTHONS, 'no_such_converter', ((2, 6), (2, 7)))
+    monkeypatch.setitem(runtimes.WHEEL_PYTHONS, 'no_such_converter', ((2, 6), (2, 7), ''))
     with pytest.raises(Unsupported, match=r"^Exporting to ONNX or OpenVINO needs the 'no_such_converter' package, "
                                           rf"which has wheels for Python 2\.6 to 2\.7 only, not for this Python "
                                           rf"{re.escape(python)}$"):
@@ -128,7 +128,7 @@ def test_a_package_without_a_wheel_for_this_python_names_the_pythons_it_has(monk
 def test_without_a_paddle2onnx_wheel_onnx_and_openvino_exports_say_so_before_any_work(
         model, images, tmp_path, monkeypatch, export_format):
     monkeypatch.setitem(sys.modules, 'paddle2onnx', None)  # as on a Python it has no wheel for
-    monkeypatch.setitem(runtimes.WHEEL_PYTHONS, 'paddle2onnx', ((2, 6), (2, 7)))
+    monkeypatch.setitem(runtimes.WHEEL_PYTHONS, 'paddle2onnx', ((2, 6), (2, 7), ''))
     monkeypatch.setattr(convert, 'export_model', lambda *args, **kwargs: pytest.fail('the export started'))
     with pytest.raises(Unsupported, match=r"^Exporting to ONNX or OpenVINO needs the 'paddle2onnx' package, "
                                           r"which has wheels for Python 2\.6 to 2\.7 only"):
