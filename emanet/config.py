@@ -190,6 +190,16 @@ def save_config(cfg, path):
     os.replace(f.name, path)
 
 
+def _class_called_in(traceback):
+    """The first class named in the innermost frame of ``traceback`` (a factory such as ResNet18_vd,
+    whose call of its class failed), or None."""
+    while traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    frame = traceback.tb_frame
+    return next((value for value in (frame.f_globals.get(name) for name in frame.f_code.co_names)
+                 if inspect.isclass(value)), None)
+
+
 def _argument_names(component):
     """Keyword arguments ``component`` accepts, or None when it takes any (**kwargs) or can't be read."""
     try:
@@ -253,10 +263,13 @@ class Builder(SegBuilder):
             return component_class(*args, **kwargs)
         except TypeError as err:
             # Factories such as ResNet18_vd(**args) pass their arguments on to a class.
-            match = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(err))
+            match = re.search(r"(?:(\w+)\.)?__init__\(\) got an unexpected keyword argument '(\w+)'", str(err))
             if not match:
                 raise
-            target = getattr(inspect.getmodule(component_class), match.group(1), None)
+            if match.group(1):
+                target = getattr(inspect.getmodule(component_class), match.group(1), None)
+            else:  # Python 3.9 leaves the class out of the message: the class the factory calls
+                target = _class_called_in(err.__traceback__)
             known = _argument_names(target) or ()
             raise ConfigError(f"{self.path}: {name} has no argument '{match.group(2)}'"
                               f"{closest(match.group(2), known)}") from None
