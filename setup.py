@@ -26,6 +26,9 @@ setup(
     # pip install emanet-paddle[deploy]: ONNX, ONNX Runtime, OpenVINO and int8 quantization.
     extras_require={'deploy': [line.split('#')[0].strip() for line in
                                (here / 'requirements-deploy.txt').read_text().splitlines()
-                               if line.split('#')[0].strip()]},
+                               if line.split('#')[0].strip()],
+                    # pip install emanet-paddle[paddlex]: EMANet in PaddleX (emanet.integrations.paddlex), the
+                    # PaddleX version its tests ran with, with what create_model (cv) and serving need.
+                    'paddlex': ['paddlex[cv,serving]==3.7.2']},
     license='Apache-2.0',
 )

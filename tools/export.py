@@ -1,6 +1,6 @@
 """Export for deployment, checked against the dygraph model:
-python tools/export.py --config CFG --model_path PATH --save_dir DIR [--format paddle|onnx|openvino] [--precision int8]
-[--legacy_program]"""
+python tools/export.py --config CFG --model_path PATH --save_dir DIR [--format paddle|onnx|openvino|paddlex]
+[--precision int8] [--legacy_program] [--paddlex_name EMANet-R101] [--paddlex_onnx]"""
 import argparse
 import copy
 import os
@@ -25,7 +25,13 @@ def parse_args(argv=None):
     parser.add_argument('--model_path', required=True, help='model.pdparams file or URL')
     parser.add_argument('--save_dir', default='output/inference_model', help='where the model and deploy.yaml go')
     parser.add_argument('--format', default='paddle', choices=FORMATS,
-                        help='paddle (Paddle Inference, CPU and GPU), onnx (ONNX Runtime) or openvino')
+                        help='paddle (Paddle Inference, CPU and GPU), onnx (ONNX Runtime), openvino, or paddlex '
+                             '(the model folder PaddleX 3 reads, see README "Use it in PaddleX")')
+    parser.add_argument('--paddlex_name',
+                        help="paddlex format: the model's name in PaddleX, 'EMANet-...' (default from the backbone, "
+                             "e.g. EMANet-R101)")
+    parser.add_argument('--paddlex_onnx', action='store_true',
+                        help="paddlex format: also write inference.onnx, for PaddleX's onnxruntime engine")
     parser.add_argument('--precision', default='fp32', choices=['fp32', 'int8'],
                         help='int8: post-training quantization for OpenVINO, calibrated on training images')
     parser.add_argument('--legacy_program', action='store_true',
@@ -72,6 +78,16 @@ def main(args):
     transforms = cfg.val_dataset_cfg.get('transforms')
     if not transforms:
         raise ConfigError(f"{args.config}: val_dataset has no transforms; the export stores them for inference")
+    paddlex_name = None
+    if args.format == 'paddlex':
+        from emanet.integrations.paddlex import default_model_name, paddlex_transforms
+        paddlex_name = args.paddlex_name or default_model_name(cfg.dic.get('model') or {})
+        transforms, dropped = paddlex_transforms(transforms)
+        if dropped:
+            logger.info("PaddleX format: left out %s (for batching in evaluation; one image needs none)",
+                        ', '.join(dropped))
+    elif args.paddlex_name:
+        raise ConfigError("--paddlex_name names the model of --format paddlex")
     calibration = None
     if args.precision == 'int8':
         paths = (list_images(args.calibration_dir)[0][:args.calibration_images] if args.calibration_dir
@@ -90,9 +106,11 @@ def main(args):
         val_dataset = first_images(Builder(cfg).val_dataset, args.miou_images)
     export_checked(model, args.save_dir, transforms, check_images, export_format=args.format,
                    input_shape=args.input_shape, output_op=args.output_op, calibration=calibration,
-                   min_agreement=args.min_agreement, val_dataset=val_dataset)
+                   min_agreement=args.min_agreement, val_dataset=val_dataset, paddlex_name=paddlex_name,
+                   paddlex_onnx=args.paddlex_onnx)
     logger.info("Exported %s %s%s to %s", args.format, args.precision,
-                ' (legacy program, model.pdmodel)' if args.legacy_program else '', args.save_dir)
+                ' (legacy program, model.pdmodel)' if args.legacy_program else
+                f' (PaddleX model name {paddlex_name})' if paddlex_name else '', args.save_dir)
 
 
 if __name__ == '__main__':

@@ -3,7 +3,8 @@
 - 'paddle': Paddle's static graph (``export_model``), for Paddle Inference on CPU and GPU;
 - 'onnx': the same graph through paddle2onnx, for ONNX Runtime (and OpenVINO);
 - 'openvino': the ONNX model as OpenVINO IR, in fp32 or int8 (NNCF post-training quantization
-  calibrated on images of the training set).
+  calibrated on images of the training set);
+- 'paddlex': the Paddle export as the model folder PaddleX 3 reads (``emanet.integrations.paddlex``).
 
 ``export_checked`` runs the export and the dygraph model on the same images and refuses to
 finish when their labels agree less than the precision allows: a conversion bug (paddle2onnx has
@@ -28,7 +29,7 @@ from emanet.errors import InvalidInput, UserError
 from emanet.logger import logger
 from emanet.segmenter import build_transforms, read_image
 
-FORMATS = ('paddle', 'onnx', 'openvino')
+FORMATS = ('paddle', 'onnx', 'openvino', 'paddlex')
 ONNX_OPSET = 17
 # The least share of pixels whose labels must equal the dygraph model's, by quantization.
 MIN_AGREEMENT = {'fp32': 0.9999, 'int8': 0.95}
@@ -44,7 +45,8 @@ class ExportFolderError(UserError, ValueError):
 
 # The files an export of any format writes; a folder holding only these (and deploy.yaml) is an earlier export.
 EXPORT_FILES = {DEPLOY_FILE} | {f'{MODEL_PREFIX}.{suffix}' for suffix in
-                                ('json', 'pdmodel', 'pdiparams', 'pdiparams.info', 'onnx', 'xml', 'bin')}
+                                ('json', 'pdmodel', 'pdiparams', 'pdiparams.info', 'onnx', 'xml', 'bin')} | {
+    f'inference.{suffix}' for suffix in ('json', 'pdmodel', 'pdiparams', 'yml', 'onnx')}  # the 'paddlex' format
 
 
 def check_export_folder(save_dir):
@@ -166,8 +168,21 @@ def label_agreement(exported, model, images):
     return equal / total
 
 
+def _check(exported, model, check_images, min_agreement, what, save_dir):
+    """The share of labels ``exported`` gives as the dygraph ``model`` does; an error below ``min_agreement``."""
+    agreement = label_agreement(exported, model, check_images)
+    if agreement < min_agreement:
+        raise ExportCheckError(f"the {what} export labels {agreement:.4%} of the pixels as the dygraph model does "
+                               f"on {len(check_images)} images, below {min_agreement:.2%}; it was not written to "
+                               f"{save_dir}")
+    logger.info("Checked the %s export against the dygraph model: %.4f%% of the labels equal on %d images",
+                what, agreement * 100, len(check_images))
+    return agreement
+
+
 def export_checked(model, save_dir, transforms_cfg, check_images, export_format='paddle', input_shape=None,
-                   output_op='argmax', calibration=None, min_agreement=None, val_dataset=None):
+                   output_op='argmax', calibration=None, min_agreement=None, val_dataset=None,
+                   paddlex_name=None, paddlex_onnx=False):
     """Export ``model`` as ``export_format`` into ``save_dir``, then check it against the dygraph model.
 
     Args:
@@ -176,6 +191,8 @@ def export_checked(model, save_dir, transforms_cfg, check_images, export_format=
         min_agreement: the least share of equal labels (default: 99.99% fp32, 95% int8).
         val_dataset: with ``calibration``, a labelled dataset on which the int8 model and the fp32
             graph it was quantized from (both in OpenVINO) are evaluated, to report what int8 costs.
+        paddlex_name: the 'paddlex' format's model name ('EMANet-...', see emanet.integrations.paddlex).
+        paddlex_onnx: the 'paddlex' format also holds inference.onnx (checked in ONNX Runtime too).
     Returns:
         (path of deploy.yaml, share of labels equal to the dygraph model's, {'fp32': mIoU, 'int8': mIoU}
         or None without ``val_dataset``).
@@ -184,28 +201,39 @@ def export_checked(model, save_dir, transforms_cfg, check_images, export_format=
         raise InvalidInput(f"format must be one of {', '.join(FORMATS)}, got '{export_format}'")
     if calibration is not None and export_format != 'openvino':
         raise InvalidInput("int8 quantization is made for OpenVINO: use --format openvino")
+    if paddlex_onnx and export_format != 'paddlex':
+        raise InvalidInput("an ONNX graph inside the PaddleX folder is for --format paddlex; use --format onnx")
+    if export_format == 'paddlex':  # its name and output are checked before any work
+        from emanet.integrations.paddlex import check_model_name
+        check_model_name(paddlex_name)
+        if output_op != 'argmax':
+            raise InvalidInput(f"PaddleX's segmentation predictor takes labels: use --output_op argmax, "
+                               f"not {output_op}")
     quantization = 'int8' if calibration is not None else 'fp32'
     min_agreement = MIN_AGREEMENT[quantization] if min_agreement is None else min_agreement
     if not check_images:
         raise ValueError("export_checked needs at least one image to check the export on")
     check_export_folder(save_dir)
-    if export_format != 'paddle':
+    if export_format in ('onnx', 'openvino') or paddlex_onnx:
         onnx_converter()  # before any work: says so where paddle2onnx cannot be had
     with staged_folder(save_dir) as staging, tempfile.TemporaryDirectory(prefix='emanet_export_') as work:
-        paddle_dir = staging if export_format == 'paddle' else os.path.join(work, 'paddle')
+        paddle_dir = staging if export_format in ('paddle', 'paddlex') else os.path.join(work, 'paddle')
         export_model(model, paddle_dir, transforms_cfg, input_shape=input_shape, output_op=output_op)
-        if export_format != 'paddle':
+        if export_format == 'paddlex':
+            from emanet.integrations.paddlex import write_model_folder
+            write_model_folder(staging, paddlex_name)
+        elif export_format != 'paddle':
             onnx_dir = staging if export_format == 'onnx' else os.path.join(work, 'onnx')
             to_onnx(paddle_dir, onnx_dir)
             if export_format == 'openvino':
                 to_openvino(onnx_dir, staging, calibration)
-        agreement = label_agreement(load_exported(staging), model, check_images)
-        if agreement < min_agreement:
-            raise ExportCheckError(f"the {export_format} {quantization} export labels {agreement:.4%} of the pixels "
-                                   f"as the dygraph model does on {len(check_images)} images, below "
-                                   f"{min_agreement:.2%}; it was not written to {save_dir}")
-        logger.info("Checked the %s %s export against the dygraph model: %.4f%% of the labels equal on %d images",
-                    export_format, quantization, agreement * 100, len(check_images))
+        if export_format == 'paddlex' and paddlex_onnx:  # the ONNX graph beside it, for PaddleX's onnxruntime engine
+            onnx_dir = os.path.join(work, 'onnx')
+            to_onnx(staging, onnx_dir)
+            _check(load_exported(onnx_dir), model, check_images, min_agreement, 'paddlex (ONNX) fp32', save_dir)
+            os.replace(os.path.join(onnx_dir, 'model.onnx'), os.path.join(staging, 'inference.onnx'))
+        agreement = _check(load_exported(staging), model, check_images, min_agreement,
+                           f'{export_format} {quantization}', save_dir)
         miou = None
         if calibration is not None and val_dataset is not None:
             miou = {precision: evaluate(load_exported(folder, backend='openvino'), val_dataset,
