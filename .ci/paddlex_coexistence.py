@@ -1,14 +1,13 @@
 """In an environment holding PaddleX and PaddleOCR, after this package was added to it: all three import,
 and PaddleX and PaddleOCR still predict (offline, on model folders made here: no hub downloads).
 
-- PaddleX semantic segmentation (`create_model`) runs this package's exported EMANet, presented to
-  it as a PP-LiteSeg-T folder, and its labels equal this package's own predictor's.
+- PaddleX semantic segmentation (`create_model`) runs this package's EMANet, exported as a PaddleX
+  folder and registered (emanet.integrations.paddlex), and its labels equal this package's own predictor's.
 - PaddleOCR text detection (`TextDetection`) runs a hand-made PP-OCRv5_mobile_det folder (one 1x1
   convolution marking bright pixels as text) and finds the one white box drawn on a black image.
 
 Run by .ci/paddlex_check in its own virtual environment.
 """
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -21,27 +20,28 @@ import yaml
 from paddleseg.models.backbones import ResNet18_vd
 
 import emanet
-from emanet.deploy.export import export_model
+from emanet.deploy.convert import export_checked
 from emanet.deploy.predictor import load_exported
+from emanet.integrations import paddlex as emanet_paddlex
 
-HEIGHT, WIDTH = 128, 160  # multiples of 32: PaddleX's segmentation resize leaves the image as it is
+HEIGHT, WIDTH = 128, 160
 NORMALIZE = {'type': 'Normalize', 'mean': [0.5, 0.5, 0.5], 'std': [0.5, 0.5, 0.5]}
 
 
 def paddlex_segmentation_folder(work):
-    """A tiny random EMANet exported by this package, laid out as PaddleX reads a segmentation model."""
+    """A tiny random EMANet exported by this package as the folder PaddleX reads (--format paddlex)."""
     paddle.seed(0)
     model = emanet.EMANet(5, ResNet18_vd(output_stride=8), ema_channels=16, gc_channels=16, num_bases=8)
-    exported = work / 'emanet_export'
-    export_model(model, str(exported), [NORMALIZE], output_op='argmax')
-    folder = work / 'PP-LiteSeg-T'
-    folder.mkdir()
-    shutil.copy(exported / 'model.json', folder / 'inference.json')
-    shutil.copy(exported / 'model.pdiparams', folder / 'inference.pdiparams')
-    (folder / 'inference.yml').write_text(yaml.safe_dump({
-        'Global': {'model_name': 'PP-LiteSeg-T'},
-        'Deploy': {'model': 'inference.json', 'params': 'inference.pdiparams', 'transforms': [NORMALIZE]}}))
-    return exported, folder
+    folder = work / 'EMANet-R18'
+    image = np.random.RandomState(1).randint(0, 256, (HEIGHT, WIDTH, 3)).astype(np.float32)
+    export_checked(model, str(folder), [NORMALIZE], preprocessed_images_of([image]), export_format='paddlex',
+                   paddlex_name='EMANet-R18')
+    return folder
+
+
+def preprocessed_images_of(images):
+    """Images [3, h, w] normalized as NORMALIZE does."""
+    return [((image / 255 - 0.5) / 0.5).transpose(2, 0, 1).astype(np.float32) for image in images]
 
 
 class BrightIsText(paddle.nn.Layer):
@@ -83,15 +83,16 @@ def main():
           f"paddleocr {paddleocr.__version__}, emanet {emanet.__version__}, numpy {np.__version__}")
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        exported, folder = paddlex_segmentation_folder(work)
+        folder = paddlex_segmentation_folder(work)
         image = np.random.RandomState(0).randint(0, 256, (HEIGHT, WIDTH, 3)).astype(np.uint8)
-        expected = load_exported(str(exported)).predict(image)  # both read an array as BGR, as cv2 does
-        result = next(iter(paddlex.create_model('PP-LiteSeg-T', model_dir=str(folder)).predict(image)))
+        expected = load_exported(str(folder)).predict(image)  # both read an array as BGR, as cv2 does
+        emanet_paddlex.register()
+        result = next(iter(paddlex.create_model('EMANet-R18', model_dir=str(folder)).predict(image)))
         labels = np.asarray(result['pred'])[0]
         assert labels.shape == (HEIGHT, WIDTH), labels.shape
         agreement = float((labels == expected).mean())
         assert len(np.unique(expected)) >= 2 and agreement == 1.0, (np.unique(expected), agreement)
-        print(f"PaddleX create_model('PP-LiteSeg-T') ran the exported EMANet: labels equal emanet's on "
+        print(f"PaddleX create_model('EMANet-R18') ran the exported EMANet: labels equal emanet's on "
               f"{HEIGHT}x{WIDTH} ({len(np.unique(labels))} classes present)")
 
         page = np.zeros((320, 480, 3), np.uint8)
