@@ -213,9 +213,10 @@ def check_label_range(label, dataset, index):
 
 # Paddle's DataLoader cannot carry an exception out of its reader: with num_workers=0 the
 # main thread then waits forever, with workers it raises a SystemError without the message.
-# So a bad sample travels as data: a one-element "image" (no real image is 1-D) and its
-# message as uint8 bytes. (Zero-size arrays cannot cross the workers' shared memory.) Only a
-# SampleError becomes such data, and load_sample lets no other exception out of a sample.
+# So a bad sample crosses the loader as data: a one-element "image" (no real image is 1-D) and
+# its message as uint8 bytes (zero-size arrays cannot cross the workers' shared memory). Only a
+# SampleError becomes such data (load_sample lets no other exception out of a sample), and
+# ``running_loader`` turns it back into the exception as the batch comes out: no loop checks.
 def _error_sample(err):
     return np.zeros(1, 'float32'), np.frombuffer(str(err).encode(), np.uint8).copy()
 
@@ -224,17 +225,19 @@ def _is_error(images):
     return len(images.shape) == 1
 
 
-def raise_if_error(images, second):
-    """Raise the SampleError a loader worker packed into a batch (see ``_error_sample``)."""
-    if _is_error(images):
-        raise SampleError(bytes(np.asarray(second).astype(np.uint8)).decode())
+def _raised_errors(iterator):
+    """The batches of ``iterator``; a batch that carries a SampleError raises it instead."""
+    for batch in iterator:
+        if _is_error(batch[0]):
+            raise SampleError(bytes(np.asarray(batch[1]).astype(np.uint8)).decode())
+        yield batch
 
 
 @contextlib.contextmanager
-def batches(loader):
-    """Iterate ``loader`` (a paddle DataLoader) inside the block; when the block ends, also in an
-    exception, its reader thread and worker processes end and the process's SIGCHLD handling is
-    as it was before.
+def running_loader(loader):
+    """Run ``loader`` (a paddle DataLoader) for the block, which gets its batches; a bad sample
+    raises its SampleError there. When the block ends, also in an exception, the loader's reader
+    thread and worker processes end and the process's SIGCHLD handling is as it was before.
 
     Paddle stops the workers only when the iterator is garbage-collected, and a traceback keeps
     the iterator alive. And a loader with workers installs a Python SIGCHLD handler (Paddle's check
@@ -250,7 +253,7 @@ def batches(loader):
     restore_sigchld = threading.current_thread() is threading.main_thread()
     sigchld_handler = signal.getsignal(signal.SIGCHLD) if restore_sigchld else None
     iterator = iter(loader)
-    each_batch = (batch for batch in iterator)
+    each_batch = _raised_errors(iterator)
     try:
         yield each_batch
     finally:

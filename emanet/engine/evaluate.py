@@ -6,7 +6,7 @@ import paddle
 import paddle.distributed as dist
 from tqdm import tqdm
 
-from emanet.data.loading import EvalSamples, batches, collate_one, raise_if_error
+from emanet.data.loading import EvalSamples, collate_one, running_loader
 from emanet.engine.distributed import process_share
 from emanet.engine.metrics import SegMetrics, format_report, json_ready
 from emanet.logger import logger
@@ -27,10 +27,9 @@ def evaluate(segmenter, dataset, num_workers=0, save_json=None, note=None):
     metrics = metrics_for(dataset)
     logger.info("Start evaluating (total_samples: %d, processes: %d)...", len(dataset), dist.get_world_size())
     start = time.time()
-    with paddle.no_grad(), batches(loader) as loaded:
-        for image, label, trans_info in tqdm(loaded, desc='evaluate', unit='image', total=len(loader),
+    with paddle.no_grad(), running_loader(loader) as batches:
+        for image, label, trans_info in tqdm(batches, desc='evaluate', unit='image', total=len(loader),
                                              disable=dist.get_rank() != 0):
-            raise_if_error(image, label)
             metrics.update(segmenter.labels(image, trans_info), label)
     metrics.sum_over_processes()
     return report_metrics(metrics, save_json, seconds=time.time() - start, note=note)

@@ -18,7 +18,7 @@ import paddle.distributed as dist
 from emanet.checkpoint import (float32_state_dict, load_optimizer_state, load_weights,
                                optimizer_state_by_structure, read_state, save_state)
 from emanet.config import Builder
-from emanet.data.loading import ResumableBatchSampler, TrainSamples, batches, collate_train, raise_if_error
+from emanet.data.loading import ResumableBatchSampler, TrainSamples, collate_train, running_loader
 from emanet.engine.distributed import (average_batch_norm_statistics, average_gradients, data_parallel,
                                        wait_for_peers)
 from emanet.engine.attention import log_attention_pictures
@@ -247,10 +247,9 @@ def train(cfg, save_dir='output', device='cpu', num_workers=0, do_eval=False, us
     model.train()
     window = {'loss': 0.0, 'batch': 0.0, 'reader': 0.0, 'n': 0}
     tic = time.time()
-    with batches(loader) as loaded:
-        for iteration, (images, labels) in enumerate(loaded, start=start_iter + 1):
+    with running_loader(loader) as batches:
+        for iteration, (images, labels) in enumerate(batches, start=start_iter + 1):
             reader_cost = time.time() - tic
-            raise_if_error(images, labels)
             paddle.seed(seed + iteration)  # dropout masks depend on the iteration only, for exact resume
             if autocast is not None:
                 with paddle.amp.auto_cast(**autocast):

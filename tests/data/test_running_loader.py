@@ -1,0 +1,22 @@
+"""running_loader: a bad sample is an exception where its batch comes out, for any loop over the loader."""
+import paddle
+import pytest
+
+from conftest import CONFIG
+from emanet.config import Builder, load_config
+from emanet.data.loading import EvalSamples, SampleError, collate_one, running_loader
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_a_plain_loop_over_the_loader_raises_the_sample_error_naming_the_file(tmp_path, num_workers, tiny_dataset):
+    (tmp_path / 'config.yml').write_text(CONFIG.format(root=tiny_dataset))
+    dataset = Builder(load_config(str(tmp_path / 'config.yml'), training=False)).val_dataset
+    dataset.file_list = dataset.file_list[:1] + [[str(tmp_path / 'missing.jpg'), dataset.file_list[0][1]]]
+    loader = paddle.io.DataLoader(EvalSamples(dataset), batch_size=1, num_workers=num_workers,
+                                  collate_fn=collate_one, return_list=True)
+    seen = []
+    with pytest.raises(SampleError, match=r'missing\.jpg: missing'):
+        with running_loader(loader) as batches:
+            for image, label, _ in batches:  # no check in the loop: the error comes out as an exception
+                seen.append(image.shape)
+    assert len(seen) == 1 and len(seen[0]) == 4  # the good image came through as an image [1, 3, H, W]
