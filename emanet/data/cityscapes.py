@@ -5,15 +5,11 @@ import os
 import numpy as np
 from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 from cityscapesscripts.helpers.labels import trainId2label
-from paddleseg.datasets import Dataset
-from paddleseg.transforms import Compose
-
+from emanet.data.dataset import NamedDataset
 from emanet.data.files import list_some
-from emanet.errors import InvalidInput
 
 IMAGE_SUFFIX = '_leftImg8bit.png'
 LABEL_SUFFIX = '_gtFine_labelTrainIds.png'
-MODES = ('train', 'val', 'test')
 
 
 def _label_tables():
@@ -32,7 +28,7 @@ def _label_tables():
 ID_TO_TRAIN_ID, TRAIN_ID_TO_ID = _label_tables()
 
 
-class Cityscapes(Dataset):
+class Cityscapes(NamedDataset):
     """Cityscapes (https://www.cityscapes-dataset.com), a drop-in for ``paddleseg.datasets.Cityscapes``.
 
     Same constructor, attributes and ``file_list`` as PaddleSeg 2.8.0's, but PaddleSeg zips two
@@ -50,24 +46,16 @@ class Cityscapes(Dataset):
         edge (bool): also compute the label's edge map while training.
     """
     NUM_CLASSES = 19
-    IGNORE_INDEX = 255
-    IMG_CHANNELS = 3
+    MODES = ('train', 'val', 'test')
     CLASS_NAMES = tuple(trainId2label[train_id].name for train_id in range(NUM_CLASSES))
     # The official colour of each class, RGB, in trainId order.
     PALETTE = tuple(trainId2label[train_id].color for train_id in range(NUM_CLASSES))
     # The official label id of each train id (256 entries): what the evaluation server reads.
     LABEL_IDS = TRAIN_ID_TO_ID
 
-    def __init__(self, transforms, dataset_root, mode='train', edge=False):
-        self.dataset_root = dataset_root
-        self.transforms = Compose(transforms)
-        self.mode = mode.lower()
-        self.num_classes = self.NUM_CLASSES
-        self.ignore_index = self.IGNORE_INDEX
-        self.edge = edge
-        if self.mode not in MODES:
-            raise InvalidInput(f"mode should be 'train', 'val' or 'test', but got {mode!r}.")
-        self.file_list = pair_images_with_labels(dataset_root, self.mode, labels_required=self.mode != 'test')
+    @staticmethod
+    def list_files(dataset_root, mode):
+        return pair_images_with_labels(dataset_root, mode, labels_required=mode != 'test')
 
 
 def pair_images_with_labels(dataset_root, mode, labels_required=True):

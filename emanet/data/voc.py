@@ -1,11 +1,8 @@
 """Pascal VOC 2012 that checks its files in the constructor and never downloads."""
 import os
 
-from paddleseg.datasets import Dataset
-from paddleseg.transforms import Compose
-
+from emanet.data.dataset import NamedDataset
 from emanet.data.prepare_voc import HOW_TO_PREPARE, PREPARE_COMMAND, read_names, require_files
-from emanet.errors import InvalidInput
 
 # The list files of each mode, and the folder holding the labels of each list.
 LISTS_OF_MODE = {
@@ -30,7 +27,7 @@ def voc_colour_map(num_classes):
     return tuple(colours)
 
 
-class PascalVOC(Dataset):
+class PascalVOC(NamedDataset):
     """Pascal VOC 2012 (http://host.robots.ox.ac.uk/pascal/VOC/), a drop-in for ``paddleseg.datasets.PascalVOC``.
 
     Same constructor, attributes, modes and ``file_list`` as PaddleSeg 2.8.0's, but PaddleSeg
@@ -47,23 +44,15 @@ class PascalVOC(Dataset):
         edge (bool): also compute the label's edge map while training.
     """
     NUM_CLASSES = 21
-    IGNORE_INDEX = 255
-    IMG_CHANNELS = 3
+    MODES = tuple(LISTS_OF_MODE)
     CLASS_NAMES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat',
                    'chair', 'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant',
                    'sheep', 'sofa', 'train', 'tvmonitor')
     PALETTE = voc_colour_map(NUM_CLASSES)
 
-    def __init__(self, transforms, dataset_root=None, mode='train', edge=False):
-        self.dataset_root = dataset_root
-        self.transforms = Compose(transforms)
-        self.mode = mode.lower()
-        self.num_classes = self.NUM_CLASSES
-        self.ignore_index = self.IGNORE_INDEX
-        self.edge = edge
-        if self.mode not in LISTS_OF_MODE:
-            raise InvalidInput(f"mode should be one of {tuple(LISTS_OF_MODE)}, but got {mode!r}.")
-        self.file_list = list_voc_files(dataset_root, self.mode)
+    @staticmethod
+    def list_files(dataset_root, mode):
+        return list_voc_files(dataset_root, mode)
 
 
 def list_voc_files(dataset_root, mode):
