@@ -11,6 +11,20 @@ import emanet.engine.checkpointer as checkpointer
 from emanet.engine.checkpointer import Checkpointer, read_train_state
 
 
+@pytest.fixture
+def log_lines():
+    """The messages the package logs (at INFO and above) during the test."""
+    messages, emanet_logger = [], logging.getLogger('emanet')
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    level = emanet_logger.level
+    emanet_logger.setLevel(logging.INFO)
+    emanet_logger.addHandler(handler)
+    yield messages
+    emanet_logger.removeHandler(handler)
+    emanet_logger.setLevel(level)
+
+
 def training_objects(seed=0):
     paddle.seed(seed)
     model = paddle.nn.Linear(3, 2)
@@ -65,10 +79,9 @@ def test_latest_is_the_newest_complete_checkpoint_by_number(tmp_path):
     assert read_train_state(saver.latest())['iter'] == 10
 
 
-def test_resume_latest_in_an_empty_folder_says_it_starts_from_scratch(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger='emanet'):
-        assert Checkpointer(tmp_path / 'empty').resolve('latest') is None
-    assert f"--resume_model latest: no checkpoint in {tmp_path / 'empty'}; starting from scratch" in caplog.messages
+def test_resume_latest_in_an_empty_folder_says_it_starts_from_scratch(tmp_path, log_lines):
+    assert Checkpointer(tmp_path / 'empty').resolve('latest') is None
+    assert f"--resume_model latest: no checkpoint in {tmp_path / 'empty'}; starting from scratch" in log_lines
 
 
 @pytest.fixture
@@ -128,7 +141,7 @@ def test_a_crash_at_the_final_rename_leaves_the_previous_checkpoint_as_the_lates
     assert not (tmp_path / 'iter_4').exists()
 
 
-def test_resume_restores_weights_and_optimizer_and_says_when_the_data_order_changed(tmp_path, caplog):
+def test_resume_restores_weights_and_optimizer_and_says_when_the_data_order_changed(tmp_path, log_lines):
     saver = Checkpointer(tmp_path)
     model, optimizer = training_objects(seed=0)
     one_step(model, optimizer)
@@ -136,9 +149,8 @@ def test_resume_restores_weights_and_optimizer_and_says_when_the_data_order_chan
     saver.save(3, model, optimizer, dict(state(3), data_order=data_order))
 
     restored, restored_optimizer = training_objects(seed=1)
-    with caplog.at_level(logging.INFO, logger='emanet'):
-        saved = saver.resume(saver.latest(), restored, restored_optimizer,
-                             data_order=dict(data_order, batch_size=1))
+    saved = saver.resume(saver.latest(), restored, restored_optimizer,
+                         data_order=dict(data_order, batch_size=1))
     assert saved['iter'] == 3
     for key, value in model.state_dict().items():
         np.testing.assert_array_equal(restored.state_dict()[key].numpy(), value.numpy(), err_msg=key)
@@ -147,6 +159,6 @@ def test_resume_restores_weights_and_optimizer_and_says_when_the_data_order_chan
     assert velocities.keys() == restored_velocities.keys()
     for key, value in velocities.items():
         np.testing.assert_array_equal(np.asarray(restored_velocities[key]), np.asarray(value), err_msg=key)
-    assert f"Resumed from {tmp_path / 'iter_3'}: continuing at iteration 4" in caplog.messages
+    assert f"Resumed from {tmp_path / 'iter_3'}: continuing at iteration 4" in log_lines
     assert (f"Resuming with other settings than {tmp_path / 'iter_3'} was made with (batch_size 2 -> 1): "
-            "training continues, but not bitwise as the uninterrupted run would have") in caplog.messages
+            "training continues, but not bitwise as the uninterrupted run would have") in log_lines
