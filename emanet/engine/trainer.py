@@ -119,6 +119,7 @@ def train(cfg, save_dir=None, hooks=None, checkpointer=None, resume_model=None, 
 
 
 def checkpointer_for(save_dir, checkpointer):
+    """``checkpointer``, or a default one in ``save_dir``; both must name the same folder."""
     if checkpointer is None:
         return Checkpointer(save_dir or 'output')
     if save_dir is not None and os.path.abspath(save_dir) != os.path.abspath(checkpointer.save_dir):
