@@ -93,6 +93,9 @@ class TrainLog(HookBase):
         self.log_iters = log_iters
 
     def before_train(self, run):
+        self._start_window()
+
+    def _start_window(self):
         self.window = {'loss': 0.0, 'batch': 0.0, 'reader': 0.0, 'n': 0}
 
     def after_step(self, run):
@@ -112,7 +115,7 @@ class TrainLog(HookBase):
                         run.batch_size * run.world_size / batch_cost,
                         format_eta(batch_cost * (run.total_iters - run.iteration)))
         run.scalars.update({'Train/loss': loss, 'Train/lr': run.lr, 'Train/batch_cost': batch_cost})
-        self.before_train(run)
+        self._start_window()
 
 
 class Evaluation(HookBase):
