@@ -5,8 +5,11 @@ import os
 from cli import (add_device_flag, add_paddleseg_train_flags, add_verbose_flag, flags_without_effect,
                         load_config_from_args, positive_int, run_cli)
 from emanet.config import save_config
+from emanet.engine.checkpointer import Checkpointer
+from emanet.engine.hooks import default_hooks
 from emanet.engine.trainer import train
 from emanet.logger import ignore_warnings, logger
+from emanet.runtime import tune_cpu_allocator
 from emanet.segmenter import InferenceOptions
 
 # Paddle's BatchNorm warns at its first training step that it tracks running statistics: nothing to act on.
@@ -52,13 +55,16 @@ def main(args):
         logger.warning(note)
     cfg = load_config_from_args(args)
     save_config(cfg, os.path.join(args.save_dir, 'config.yml'))
+    hooks = default_hooks(args.save_dir, log_iters=args.log_iters, do_eval=args.do_eval,
+                          eval_options=InferenceOptions.from_config(cfg.test_config), use_vdl=args.use_vdl,
+                          log_attention=args.log_attention)
+    checkpointer = Checkpointer(args.save_dir, keep=args.keep_checkpoint_max, safetensors=args.save_safetensors)
+    if args.device == 'cpu':
+        tune_cpu_allocator()
     with ignore_warnings(BATCH_NORM_NOTE):
-        return train(cfg, save_dir=args.save_dir, device=args.device, num_workers=args.num_workers,
-                     do_eval=args.do_eval, use_vdl=args.use_vdl, resume_model=args.resume_model,
-                     save_interval=args.save_interval, log_iters=args.log_iters,
-                     keep_checkpoint_max=args.keep_checkpoint_max, seed=args.seed, precision=args.precision,
-                     amp_level=args.amp_level, eval_options=InferenceOptions.from_config(cfg.test_config),
-                     log_attention=args.log_attention, save_safetensors=args.save_safetensors)
+        return train(cfg, hooks=hooks, checkpointer=checkpointer, resume_model=args.resume_model,
+                     save_interval=args.save_interval, seed=args.seed, device=args.device,
+                     num_workers=args.num_workers, precision=args.precision, amp_level=args.amp_level)
 
 
 if __name__ == '__main__':

@@ -17,6 +17,7 @@ from emanet.checkpoint import save_state
 from emanet.config import build_model, load_config
 from emanet.engine.attention import attention_picture, base_colors, em_attention, find_em_unit
 from emanet.engine.inference import ModelSegmenter
+from emanet.engine.hooks import default_hooks
 from emanet.engine.trainer import train
 
 NUM_BASES = 6
@@ -137,10 +138,10 @@ def test_the_tool_writes_a_picture_per_image_of_a_folder(tiny_config, tiny_datas
 def test_evaluation_during_training_puts_the_pictures_into_visualdl(tiny_config, tmp_path):
     from visualdl import LogReader
     out = tmp_path / 'out'
-    train(load_config(tiny_config(), iters=2), save_dir=str(out), save_interval=2, seed=0, do_eval=True,
-          use_vdl=True, log_attention=True)
+    train(load_config(tiny_config(), iters=2), save_dir=str(out), save_interval=2, seed=0,
+          hooks=default_hooks(str(out), do_eval=True, use_vdl=True, log_attention=True))
     log, = [name for name in os.listdir(out) if name.startswith('vdlrecords')]
     reader = LogReader(file_path=str(out / log))
     assert sorted(reader.get_tags()['image']) == ['Attention/8', 'Attention/9']  # the two val images
     with pytest.raises(ValueError, match='needs use_vdl and do_eval'):
-        train(load_config(tiny_config()), save_dir=str(tmp_path / 'no'), do_eval=True, log_attention=True)
+        default_hooks(str(tmp_path / 'no'), do_eval=True, log_attention=True)

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+import emanet.engine.checkpointer as checkpointer
 import emanet.engine.trainer as trainer
 from conftest import TOOLS
 from emanet.checkpoint import read_state
@@ -59,16 +60,16 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tiny_config,
             raise OSError('disk full')
         original_save_state(state, path)
 
-    original_save_state = trainer.save_state
-    monkeypatch.setattr(trainer, 'save_state', crash_on_the_second_optimizer_file)
+    original_save_state = checkpointer.save_state
+    monkeypatch.setattr(checkpointer, 'save_state', crash_on_the_second_optimizer_file)
     out = tmp_path / 'out'
     with pytest.raises(OSError, match='disk full'):
         trainer.train(load_config(tiny_config()), save_dir=str(out), save_interval=2, seed=0)
-    assert trainer.find_latest_checkpoint(str(out)) == str(out / 'iter_2')
+    assert checkpointer.Checkpointer(str(out)).latest() == str(out / 'iter_2')
     assert sorted(os.listdir(out / 'iter_2')) == ['model.pdopt', 'model.pdparams', 'train_state.json']
     assert not (out / 'iter_4').exists()
 
-    monkeypatch.setattr(trainer, 'save_state', original_save_state)
+    monkeypatch.setattr(checkpointer, 'save_state', original_save_state)
     trainer.train(load_config(tiny_config()), save_dir=str(out), resume_model='latest', save_interval=2)
     assert sorted(p for p in os.listdir(out) if not p.endswith('.part')) == ['iter_2', 'iter_4', 'iter_6']
 
@@ -93,7 +94,7 @@ def test_resume_latest_with_no_checkpoint_says_it_starts_from_scratch(tiny_confi
 def test_resume_with_other_settings_says_it_is_no_longer_bitwise_the_same(tiny_config, tmp_path, log_lines):
     out = tmp_path / 'out'
     trainer.train(load_config(tiny_config(), iters=4), save_dir=str(out), save_interval=2, seed=0)
-    saved = trainer.read_train_state(str(out / 'iter_2'))
+    saved = checkpointer.read_train_state(str(out / 'iter_2'))
     assert saved['data_order'] == {'train_images': 8, 'batch_size': 2, 'processes': 1, 'iters': 4}
 
     trainer.train(load_config(tiny_config(), iters=4), save_dir=str(out), save_interval=2,

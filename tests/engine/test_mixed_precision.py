@@ -13,7 +13,7 @@ from paddle.amp.auto_cast import amp_initialize
 from paddleseg.models.backbones import ResNet18_vd
 
 from emanet.checkpoint import float32_state_dict, load_weights
-from emanet.engine import trainer
+from emanet.engine import checkpointer, trainer
 from emanet.models import EMANet
 
 
@@ -80,10 +80,10 @@ def test_checkpoints_hold_the_float32_master_weights_not_the_half_precision_copi
     np.testing.assert_array_equal(state[weight].numpy(), masters[names[weight]].numpy())
     assert state['head.emau.mu'].dtype == paddle.float32
 
-    trainer.save_checkpoint(str(tmp_path / 'iter_1'), model, optimizer, {'iter': 1, 'seed': 0, 'best': {}})
+    checkpointer.save_checkpoint(str(tmp_path / 'iter_1'), model, optimizer, {'iter': 1, 'seed': 0, 'best': {}})
     restored = small_emanet(seed=1)
     restored_optimizer = paddle.optimizer.Momentum(0.01, parameters=restored.parameters(), multi_precision=True)
-    trainer.load_checkpoint(str(tmp_path / 'iter_1'), restored, restored_optimizer)
+    checkpointer.load_checkpoint(str(tmp_path / 'iter_1'), restored, restored_optimizer)
     np.testing.assert_array_equal(restored.state_dict()[weight].numpy(), masters[names[weight]].numpy())
     # The optimizer gets the master weights back under its own parameters' names.
     restored_names = {name: param.name for name, param in restored.named_parameters()}
@@ -108,14 +108,14 @@ def test_the_loss_scale_survives_save_and_resume(tmp_path):
     model = small_emanet()
     optimizer = paddle.optimizer.Momentum(0.01, parameters=model.parameters())
     scaler = enabled_scaler()
-    trainer.save_checkpoint(str(tmp_path / 'iter_5'), model, optimizer, {'iter': 5, 'seed': 0, 'best': {}}, scaler)
+    checkpointer.save_checkpoint(str(tmp_path / 'iter_5'), model, optimizer, {'iter': 5, 'seed': 0, 'best': {}}, scaler)
     saved = json.loads((tmp_path / 'iter_5' / 'train_state.json').read_text())['grad_scaler']
     assert saved['scale'] == [4096.0] and saved['incr_count'] == 17
 
     resumed = paddle.amp.GradScaler(init_loss_scaling=1024)
     resumed._enable = True
     restored = small_emanet(seed=1)
-    trainer.load_checkpoint(str(tmp_path / 'iter_5'), restored,
+    checkpointer.load_checkpoint(str(tmp_path / 'iter_5'), restored,
                             paddle.optimizer.Momentum(0.01, parameters=restored.parameters()), resumed)
     expected, actual = scaler.state_dict(), resumed.state_dict()
     np.testing.assert_array_equal(actual.pop('scale'), expected.pop('scale'))
@@ -125,6 +125,6 @@ def test_the_loss_scale_survives_save_and_resume(tmp_path):
 def test_without_a_scaler_the_state_has_no_scaler_entry(tmp_path):
     model = small_emanet()
     optimizer = paddle.optimizer.Momentum(0.01, parameters=model.parameters())
-    trainer.save_checkpoint(str(tmp_path / 'iter_1'), model, optimizer, {'iter': 1, 'seed': 0, 'best': {}},
+    checkpointer.save_checkpoint(str(tmp_path / 'iter_1'), model, optimizer, {'iter': 1, 'seed': 0, 'best': {}},
                             paddle.amp.GradScaler())  # disabled on CPU
     assert 'grad_scaler' not in json.loads((tmp_path / 'iter_1' / 'train_state.json').read_text())

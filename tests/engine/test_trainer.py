@@ -12,6 +12,8 @@ from paddleseg.cvlibs import manager
 from conftest import TOOLS
 from emanet.checkpoint import read_state
 from emanet.config import load_config
+from emanet.engine.checkpointer import Checkpointer
+from emanet.engine.hooks import default_hooks
 from emanet.engine.trainer import TrainingDiverged, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -23,7 +25,7 @@ def weights_and_optimizer(folder):
 
 def test_checkpoints_hold_everything_and_only_the_newest_are_kept(tiny_config, tmp_path):
     out = tmp_path / 'out'
-    train(load_config(tiny_config()), save_dir=str(out), save_interval=2, keep_checkpoint_max=2, seed=0)
+    train(load_config(tiny_config()), checkpointer=Checkpointer(out, keep=2), save_interval=2, seed=0)
     assert sorted(os.listdir(out)) == ['iter_4', 'iter_6']
     assert sorted(os.listdir(out / 'iter_6')) == ['model.pdopt', 'model.pdparams', 'train_state.json']
     state = json.loads((out / 'iter_6' / 'train_state.json').read_text())
@@ -118,7 +120,8 @@ def test_two_processes_end_with_identical_weights_bases_and_batch_norm_statistic
 
 def test_evaluation_keeps_the_best_model_and_visualdl_gets_the_scalars(tiny_config, tmp_path):
     out = tmp_path / 'out'
-    train(load_config(tiny_config()), save_dir=str(out), save_interval=3, seed=0, do_eval=True, use_vdl=True)
+    train(load_config(tiny_config()), save_dir=str(out), save_interval=3, seed=0,
+          hooks=default_hooks(str(out), do_eval=True, use_vdl=True))
     best = json.loads((out / 'best_model' / 'train_state.json').read_text())['best']
     evaluations = {it: json.loads((out / f'iter_{it}' / 'train_state.json').read_text())['evaluation']['miou']
                    for it in (3, 6)}
@@ -134,7 +137,8 @@ def test_evaluation_keeps_the_best_model_and_visualdl_gets_the_scalars(tiny_conf
 
 def test_best_and_final_weights_can_also_be_saved_as_safetensors(tiny_config, tmp_path):
     out = tmp_path / 'out'
-    train(load_config(tiny_config()), save_dir=str(out), save_interval=3, do_eval=True, seed=0, save_safetensors=True)
+    train(load_config(tiny_config()), checkpointer=Checkpointer(out, safetensors=True), save_interval=3, seed=0,
+          hooks=default_hooks(str(out), do_eval=True))
     assert sorted(os.listdir(out / 'iter_6')) == ['model.pdopt', 'model.pdparams', 'model.safetensors',
                                                   'train_state.json']
     assert 'model.safetensors' not in os.listdir(out / 'iter_3')  # only the final and the best weights
