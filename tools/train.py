@@ -3,7 +3,7 @@ import argparse
 import os
 
 from cli import (add_device_flag, add_paddleseg_train_flags, add_verbose_flag, flags_without_effect,
-                        load_config_from_args, positive_int, run_cli)
+                        load_config_from_args, positive_int, run_cli, set_device)
 from emanet.config import save_config
 from emanet.engine.trainer import train
 from emanet.logger import ignore_warnings, logger
@@ -52,6 +52,7 @@ def main(args):
         logger.warning(note)
     cfg = load_config_from_args(args)
     save_config(cfg, os.path.join(args.save_dir, 'config.yml'))
+    set_device(args.device)
     with ignore_warnings(BATCH_NORM_NOTE):
         return train(cfg, save_dir=args.save_dir, device=args.device, num_workers=args.num_workers,
                      do_eval=args.do_eval, use_vdl=args.use_vdl, resume_model=args.resume_model,
