@@ -20,6 +20,18 @@ import warnings
 logger = logging.getLogger('emanet')
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to ``sys.stdout`` as it is at each record: a caller may swap it (``contextlib.redirect_stdout``)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(log_file=None, level=logging.INFO):
     """Send the package's log lines to stdout (and a file), once per process, and no longer to the root logger.
 
@@ -27,7 +39,7 @@ def setup_logging(log_file=None, level=logging.INFO):
     """
     formatter = logging.Formatter('%(asctime)s [%(levelname)s] %(message)s', '%Y-%m-%d %H:%M:%S')
     if not any(getattr(h, '_emanet', False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StdoutHandler()
         handler._emanet = True
         handler.setFormatter(formatter)
         logger.addHandler(handler)
