@@ -22,6 +22,7 @@ from paddleseg.cvlibs.config import merge_config_dicts
 from paddleseg.utils import logger as paddleseg_logger
 from paddleseg.utils.utils import CachedProperty as cached_property
 
+from emanet import registry
 from emanet.checkpoint import load_weights
 from emanet.errors import UserError
 
@@ -214,13 +215,17 @@ def _argument_names(component):
 class Builder(SegBuilder):
     """PaddleSeg's builder, with errors that name the config key and the closest known name.
 
-    A config without ``train_dataset`` (see ``load_config``) builds its model from ``model``
-    and the val set. The config is not logged piece by piece; ``save_config`` writes it whole.
+    A ``type:`` name is this package's component first (``emanet.registry.component``: its Paddle 3
+    losses and checked datasets in place of PaddleSeg's, ``PaddleSeg<Name>`` for PaddleSeg's own),
+    then PaddleSeg's registries'. A config without ``train_dataset`` (see ``load_config``) builds its
+    model from ``model`` and the val set. The config is not logged piece by piece; ``save_config``
+    writes it whole.
     """
 
     def __init__(self, config):
         super().__init__(config)
         self.path = getattr(config, 'path', 'config')
+        registry.log_replacement_notice_once()
 
     @classmethod
     def show_msg(cls, name, cfg):
@@ -247,10 +252,13 @@ class Builder(SegBuilder):
             return super().loss
 
     def load_component_class(self, class_type):
-        for registry in self.comp_list:
-            if class_type in registry.components_dict:
-                return registry[class_type]
-        known = [name for registry in self.comp_list for name in registry.components_dict]
+        ours = registry.component(class_type)
+        if ours is not None:
+            return ours
+        for components in self.comp_list:
+            if class_type in components.components_dict:
+                return components[class_type]
+        known = registry.names() + [name for components in self.comp_list for name in components.components_dict]
         raise ConfigError(f"{self.path}: unknown type '{class_type}'{closest(class_type, known)}")
 
     def build_component_impl(self, component_class, *args, **kwargs):

@@ -1,8 +1,9 @@
 """The one logger: ``logging.getLogger('emanet')``, with PaddleSeg's grep-able line format.
 
-Like PaddleSeg's logger it prints INFO lines to stdout from the moment the package is imported
-(so the line ``import emanet`` logs reaches a user in that format, not through the handler Paddle
-puts on the root logger); ``logging.getLogger('emanet').setLevel(logging.WARNING)`` quiets it.
+Importing the package adds no handler: its records go to whatever logging the program configured.
+``setup_logging()``, which the tools call, prints them as PaddleSeg's logger does (INFO lines to stdout,
+each once, not also through the handler Paddle puts on the root logger);
+``logging.getLogger('emanet').setLevel(logging.WARNING)`` quiets it.
 
 Also the two switches that keep Paddle's notes a user cannot act on out of the tools' output:
 ``ignore_warnings`` for Python warnings, ``drop_stderr_lines`` for lines its C++ core writes.
@@ -19,11 +20,26 @@ import warnings
 logger = logging.getLogger('emanet')
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to ``sys.stdout`` as it is at each record: a caller may swap it (``contextlib.redirect_stdout``)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(log_file=None, level=logging.INFO):
-    """Send the package's log lines to stdout (and a file), once per process."""
+    """Send the package's log lines to stdout (and a file), once per process, and no longer to the root logger.
+
+    The tools call it; a program that wants the tools' output calls it once.
+    """
     formatter = logging.Formatter('%(asctime)s [%(levelname)s] %(message)s', '%Y-%m-%d %H:%M:%S')
     if not any(getattr(h, '_emanet', False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StdoutHandler()
         handler._emanet = True
         handler.setFormatter(formatter)
         logger.addHandler(handler)
@@ -67,6 +83,3 @@ def drop_stderr_lines(*fragments):
                 if not any(fragment in line for fragment in fragments):
                     sys.stderr.write(line)
             sys.stderr.flush()
-
-
-setup_logging()

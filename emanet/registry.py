@@ -1,14 +1,23 @@
-"""Put this package's components into PaddleSeg's registries (``paddleseg.cvlibs.manager``).
+"""Which class a config's ``type:`` name builds: PaddleSeg's registries, and this package's scope over them.
 
-The model and five other components take the place of PaddleSeg 2.8.0's of the same name: the
-model is this package's EMANet, the others are what makes PaddleSeg YAML configs work on Paddle 3. PaddleSeg's own stay reachable: in a config as
-``type: PaddleSeg<Name>`` (e.g. ``PaddleSegCityscapes``), in Python as ``paddleseg_original(name)``.
+``import emanet`` changes one entry of PaddleSeg's registries (``paddleseg.cvlibs.manager``): ``EMANet``
+is this package's model, so ``type: EMANet`` builds it in any PaddleSeg builder.
+
+This package's builder (``emanet.config.Builder``, which its tools use) looks a name up here first
+(``component``): its own EMANet, CrossEntropyLoss, OhemCrossEntropyLoss, Dataset, Cityscapes, PascalVOC
+(what makes PaddleSeg YAML configs work on Paddle 3) and StreetScenes (the quick start's dataset), then in
+PaddleSeg's registries. PaddleSeg's own stay reachable: in a config as ``type: PaddleSeg<Name>``
+(e.g. ``PaddleSegCityscapes``), in Python as ``paddleseg_original(name)``. PaddleSeg's builders are
+left as they are.
 """
+import importlib
+
 from paddleseg.cvlibs import manager
 
 from emanet.logger import logger
 
-# What each replacement brings (the README's "How this EMANet differs" has the details).
+# What each of this package's components brings in place of PaddleSeg's (the README's "How this EMANet
+# differs" has the details).
 REPLACEMENT_REASONS = {
     'EMANet': "this package's model; PaddleSeg's checkpoints load into it key for key",
     'CrossEntropyLoss': "PaddleSeg 2.8.0's fails on Paddle 3 (float32 logits against int64 labels)",
@@ -17,48 +26,73 @@ REPLACEMENT_REASONS = {
     'Cityscapes': "pairs images and labels by file name (PaddleSeg's zips two sorted lists), never downloads",
     'PascalVOC': 'checks its files, never downloads',
 }
+# The module of each of this package's components, imported when a config first names it
+# (StreetScenes brings the quick start's scene painter).
+OUR_COMPONENTS = {
+    'EMANet': 'emanet.models',
+    'CrossEntropyLoss': 'emanet.models.losses',
+    'OhemCrossEntropyLoss': 'emanet.models.losses',
+    'Dataset': 'emanet.data.dataset',
+    'Cityscapes': 'emanet.data.cityscapes',
+    'PascalVOC': 'emanet.data.voc',
+    'StreetScenes': 'emanet.data.street_scenes',
+}
 ORIGINAL_PREFIX = 'PaddleSeg'
-_originals = {}
+PADDLESEG_REGISTRIES = (manager.MODELS, manager.BACKBONES, manager.DATASETS, manager.TRANSFORMS, manager.LOSSES,
+                        manager.OPTIMIZERS)
 
 
-def register(registry, component):
-    """Register ``component`` under its class name; PaddleSeg's entry of that name moves to 'PaddleSeg<Name>'."""
-    name = component.__name__
-    existing = registry.components_dict.get(name)
-    if existing is not None and existing is not component and name not in _originals:
-        _originals[name] = existing
-        registry.components_dict[ORIGINAL_PREFIX + name] = existing
-    registry.components_dict[name] = component
-    return component
+def _paddleseg_entry(name):
+    return next((registry.components_dict[name] for registry in PADDLESEG_REGISTRIES
+                 if name in registry.components_dict), None)
+
+
+# PaddleSeg's components of the replaced names, as ``import paddleseg`` registered them.
+_originals = {name: _paddleseg_entry(name) for name in REPLACEMENT_REASONS}
+
+
+def register_model():
+    """Put this package's EMANet into PaddleSeg's model registry in place of PaddleSeg's (``import emanet`` does)."""
+    from emanet.models import EMANet
+    manager.MODELS.components_dict['EMANet'] = EMANet
 
 
 def paddleseg_original(name):
-    """PaddleSeg's own component that ``import emanet`` replaced, e.g. ``paddleseg_original('Cityscapes')``."""
+    """PaddleSeg's own component of a name this package replaces, e.g. ``paddleseg_original('Cityscapes')``."""
     if name not in _originals:
-        raise KeyError(f"emanet replaced no PaddleSeg component named '{name}'; "
-                       f"it replaced {', '.join(sorted(_originals))}")
+        raise KeyError(f"emanet replaces no PaddleSeg component named '{name}'; "
+                       f"it replaces {', '.join(sorted(_originals))}")
     return _originals[name]
 
 
+def component(name):
+    """The class ``type: name`` builds in this package's builder when it is not PaddleSeg's registries' to say:
+    one of this package's components, PaddleSeg's own for 'PaddleSeg<Name>', else None."""
+    if name in OUR_COMPONENTS:
+        return getattr(importlib.import_module(OUR_COMPONENTS[name]), name)
+    if name.startswith(ORIGINAL_PREFIX) and name[len(ORIGINAL_PREFIX):] in _originals:
+        return _originals[name[len(ORIGINAL_PREFIX):]]
+    return None
+
+
+def names():
+    """The names ``component`` resolves, for messages that suggest the closest one."""
+    return [*OUR_COMPONENTS, *(ORIGINAL_PREFIX + name for name in _originals)]
+
+
 def replacement_notice():
-    """One line naming the PaddleSeg components this package replaced and how to reach them."""
-    return (f"emanet replaces PaddleSeg's {', '.join(_originals)} in PaddleSeg's registries (Paddle 3 fixes, "
-            f"file checks; see emanet.registry.REPLACEMENT_REASONS); PaddleSeg's own remain as "
+    """One line naming the PaddleSeg components this package's builder replaces and how to reach them."""
+    return (f"emanet's builder and tools use its own {', '.join(REPLACEMENT_REASONS)} instead of PaddleSeg's "
+            f"(Paddle 3 fixes, file checks; see emanet.registry.REPLACEMENT_REASONS); PaddleSeg's own remain as "
             f"type: {ORIGINAL_PREFIX}<Name>")
 
 
-def register_all():
-    from emanet.data.cityscapes import Cityscapes
-    from emanet.data.dataset import Dataset
-    from emanet.data.street_scenes import StreetScenes
-    from emanet.data.voc import PascalVOC
-    from emanet.models.losses import CrossEntropyLoss, OhemCrossEntropyLoss
-    from emanet.models import EMANet
-    register(manager.MODELS, EMANet)
-    register(manager.LOSSES, CrossEntropyLoss)
-    register(manager.LOSSES, OhemCrossEntropyLoss)
-    register(manager.DATASETS, Dataset)
-    register(manager.DATASETS, Cityscapes)
-    register(manager.DATASETS, StreetScenes)
-    register(manager.DATASETS, PascalVOC)
-    logger.info("%s", replacement_notice())
+_notice_logged = False
+
+
+def log_replacement_notice_once():
+    """Log ``replacement_notice`` the first time this process builds through this package's scope."""
+    global _notice_logged
+    if not _notice_logged:
+        _notice_logged = True
+        logger.info("%s", replacement_notice())

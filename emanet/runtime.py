@@ -8,7 +8,10 @@ Three defaults of dygraph Paddle on CPU cost a segmentation network most of its 
   whole ResNet50 forward ~1.4x faster (measured by tools/benchmark.py);
 - the MKL bundled in the Paddle wheel takes a slow generic code path on AMD CPUs unless
   MKL_DEBUG_CPU_TYPE=5 tells it to use its AVX2 kernels (a 2048x2048 matmul on one Zen core:
-  47 GFLOP/s without, 124 with). ``import emanet`` sets it (``use_fast_mkl_on_amd``).
+  47 GFLOP/s without, 124 with).
+The tools apply the last two (tools/cli.py); importing the package changes none of them. A program
+asks for each with one call, before its first computation: ``use_fast_mkl_on_amd()`` and
+``tune_cpu_allocator()`` (``set_device`` sets the threads).
 """
 import ctypes
 import ctypes.util
@@ -51,12 +54,11 @@ def launcher_gpu_id():
     return int(os.environ.get('FLAGS_selected_gpus', '0').split(',')[0])
 
 
-def set_device(device, cpu_threads=None, tune_allocator=True):
+def set_device(device, cpu_threads=None):
     """Select 'cpu', 'gpu' or 'gpu:N'; a GPU request on a CPU build of Paddle is one clear error.
 
     Under ``paddle.distributed.launch`` the process joins the others (NCCL on GPU, gloo on CPU).
     On CPU, each process takes its share of the cores for math (``cpu_threads`` overrides it).
-    With ``tune_allocator``, large host allocations stay in the heap (``tune_cpu_allocator``).
     """
     kind, number = parse_device(device)
     if kind == 'gpu' and not paddle.is_compiled_with_cuda():
@@ -68,17 +70,23 @@ def set_device(device, cpu_threads=None, tune_allocator=True):
     if dist.get_world_size() > 1 and not dist.is_initialized():
         dist.init_parallel_env()  # started by paddle.distributed.launch: join the other processes
     if device == 'cpu':
-        if fast_mkl_applied():
-            logger.info("AMD CPU: set %s=%s so that MKL uses its AVX2 kernels (about 2.5x faster dygraph "
-                        "math); set the variable yourself to choose otherwise",
-                        MKL_CPU_TYPE_VARIABLE, MKL_AVX2_CPU_TYPE)
+        _log_fast_mkl_once()
         set_cpu_threads(cpu_threads or max(1, len(os.sched_getaffinity(0)) // dist.get_world_size()))
-        if tune_allocator:
-            tune_cpu_allocator()
     return device
 
 
 _fast_mkl_applied = False
+_fast_mkl_logged = False
+
+
+def _log_fast_mkl_once():
+    """Say that this process set MKL's variable, at its first choice of the CPU."""
+    global _fast_mkl_logged
+    if not _fast_mkl_applied or _fast_mkl_logged:
+        return
+    _fast_mkl_logged = True
+    logger.info("AMD CPU: set %s=%s so that MKL uses its AVX2 kernels (about 2.5x faster dygraph "
+                "math); set the variable yourself to choose otherwise", MKL_CPU_TYPE_VARIABLE, MKL_AVX2_CPU_TYPE)
 
 
 def cpu_info():
@@ -110,8 +118,8 @@ def use_fast_mkl_on_amd(vendor=None, flags=None):
     """On an AMD CPU with AVX2, let MKL take its AVX2 code path unless the user set MKL_DEBUG_CPU_TYPE.
 
     Without AVX2 MKL's AVX2 kernels would die on an illegal instruction, so nothing is set there.
-    Must run before Paddle's first matrix product; ``import emanet`` calls it. Returns True when
-    this call set the variable.
+    Must run before Paddle's first matrix product; the tools call it when tools/cli.py is imported.
+    Returns True when this call set the variable (``set_device('cpu')`` then says so once).
     """
     global _fast_mkl_applied
     if vendor is None or flags is None:
@@ -136,13 +144,13 @@ def set_cpu_threads(threads):
 
 
 def tune_cpu_allocator(libc=None):
-    """Serve large allocations from glibc's heap and keep freed memory for reuse.
+    """Serve large allocations from glibc's heap and keep freed memory for reuse, for the rest of the process.
 
     Each setting is applied on its own, the mmap threshold at the largest size glibc accepts:
     1 GiB, or 32 MiB where glibc is older than 2.35 (Ubuntu 20.04, the base of Paddle's images),
     which refuses more. Returns what was applied, e.g. {'mmap_threshold': 1073741824,
     'trim_threshold': 2147483647} ({} off glibc or when EMANET_TUNE_MALLOC=0), and logs it once.
-    The process keeps its peak memory rather than returning it to the OS.
+    The process keeps its peak memory rather than returning it to the OS. The tools call it on CPU.
     """
     if os.environ.get(ALLOCATOR_VARIABLE, '1') == '0':
         return {}

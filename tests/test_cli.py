@@ -1,12 +1,17 @@
-"""Command lines: PaddleSeg's training flags are accepted and say when they change nothing; every flag has help."""
+"""Command lines: PaddleSeg's training flags are accepted and say when they change nothing; every flag has help;
+the process settings the tools make (MKL's path, the allocator, log lines on stdout)."""
 import importlib.util
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
-from cli import flags_without_effect  # tools/cli.py
+import cli  # tools/cli.py
+from cli import flags_without_effect
 from conftest import TOOLS
+from emanet import runtime
 
 
 def tool(name):
@@ -73,3 +78,42 @@ def test_only_errors_a_user_can_fix_lose_their_traceback(capsys, monkeypatch):
         run_cli(fails_with(RuntimeError('an internal invariant broke')), None)
     with pytest.raises(ValueError, match='operands could not be broadcast'):
         run_cli(fails_with(ValueError('operands could not be broadcast together')), None)
+
+
+def run_with_cli(code):
+    """stdout of a fresh process that imports tools/cli.py as the tools do, then runs ``code``,
+    started without MKL_DEBUG_CPU_TYPE."""
+    env = {key: value for key, value in os.environ.items() if key != runtime.MKL_CPU_TYPE_VARIABLE}
+    probe = f'import os, sys; sys.path.insert(0, {TOOLS!r}); import cli\n{code}'
+    return subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, env=env, check=True).stdout
+
+
+def test_the_tools_let_mkl_take_its_avx2_path_on_amd_cpus_with_avx2():
+    vendor, flags = runtime.cpu_info()
+    expected = '5' if vendor == 'AuthenticAMD' and 'avx2' in flags else 'None'
+    assert run_with_cli("print(os.environ.get('MKL_DEBUG_CPU_TYPE'))").split()[-1] == expected
+
+
+def test_the_tools_log_lines_go_to_stdout_once_in_paddlesegs_format():
+    stdout = run_with_cli("from emanet.logger import logger\n"
+                          "cli.run_cli(lambda args: logger.info('[EVAL] #Images: 2 mIoU: 0.5000'), None)")
+    assert re.fullmatch(r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[INFO\] \[EVAL\] #Images: 2 mIoU: 0\.5000\n', stdout), stdout
+
+
+class RecordingGlibc:
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, parameter, value):
+        self.calls.append((parameter, value))
+        return 1
+
+
+def test_the_tools_tune_the_allocator_on_cpu_and_the_librarys_set_device_does_not(monkeypatch):
+    monkeypatch.setenv(runtime.ALLOCATOR_VARIABLE, '1')
+    libc = RecordingGlibc()
+    monkeypatch.setattr(runtime, '_glibc', lambda: libc)
+    runtime.set_device('cpu')
+    assert libc.calls == []
+    cli.set_device('cpu')
+    assert libc.calls == [(runtime.M_MMAP_THRESHOLD, 1 << 30), (runtime.M_TRIM_THRESHOLD, (1 << 31) - 1)]

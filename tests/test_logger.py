@@ -1,10 +1,38 @@
-"""Dropping the notes of other libraries: only the named ones go, everything else still shows."""
+"""The package's log records reach a program's logging; setup_logging prints them as the tools do.
+Dropping the notes of other libraries: only the named ones go, everything else still shows."""
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
 
 from emanet.logger import drop_stderr_lines, ignore_warnings
+
+PROBE = """
+import logging
+import emanet
+from emanet.logger import logger, setup_logging
+
+class Collect(logging.Handler):
+    records = []
+
+    def emit(self, record):
+        self.records.append(record.getMessage())
+
+logging.getLogger().addHandler(Collect())
+logger.warning('seen by the program')
+setup_logging()
+logger.info('printed as the tools print it')
+print(Collect.records)
+"""
+
+
+def test_records_reach_the_programs_handlers_until_setup_logging_prints_them_itself():
+    result = subprocess.run([sys.executable, '-c', PROBE], capture_output=True, text=True, check=True)
+    printed, collected = result.stdout.splitlines()
+    assert printed.endswith(' [INFO] printed as the tools print it')
+    assert collected == "['seen by the program']"
 
 
 def test_only_the_named_stderr_lines_are_dropped_also_those_written_below_python(capfd):

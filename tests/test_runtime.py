@@ -67,15 +67,6 @@ def test_amd_cpus_get_mkls_fast_path_unless_the_user_chose(monkeypatch):
     assert os.environ[runtime.MKL_CPU_TYPE_VARIABLE] == '2'
 
 
-def test_import_emanet_sets_the_fast_path_on_this_cpu_if_it_is_amd():
-    env = {k: v for k, v in os.environ.items() if k != runtime.MKL_CPU_TYPE_VARIABLE}
-    probe = "import os, emanet; print(os.environ.get('MKL_DEBUG_CPU_TYPE'))"
-    result = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, env=env, check=True)
-    vendor, flags = runtime.cpu_info()
-    expected = '5' if vendor == 'AuthenticAMD' and 'avx2' in flags else 'None'
-    assert result.stdout.split()[-1] == expected
-
-
 @pytest.mark.parametrize('device, parsed', [('cpu', ('cpu', None)), ('gpu', ('gpu', None)), ('gpu:1', ('gpu', 1))])
 def test_device_names(device, parsed):
     assert runtime.parse_device(device) == parsed

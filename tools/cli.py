@@ -1,5 +1,11 @@
-"""What the command-line tools share: flags, config loading, the segmenter --model_path names, and
-one-sentence errors. A module of the tools, not of the emanet package."""
+"""What the command-line tools share: flags, config loading, the segmenter --model_path names,
+one-sentence errors, and the process settings that make them fast. A module of the tools, not of
+the emanet package: every tool imports it first.
+
+Importing it lets MKL take its AVX2 path on AMD CPUs (``use_fast_mkl_on_amd``: MKL reads the variable
+at its first use, so before any computation); ``set_device`` also tunes the allocator on CPU and
+``run_cli`` prints the package's log lines to stdout.
+"""
 import argparse
 import errno
 import os
@@ -11,13 +17,25 @@ from emanet.engine.distributed import stop_together
 from emanet.engine.inference import ModelSegmenter
 from emanet.errors import InvalidInput, UserError
 from emanet.logger import logger, setup_logging
-from emanet.runtime import parse_device
+from emanet.runtime import parse_device, tune_cpu_allocator, use_fast_mkl_on_amd
+from emanet.runtime import set_device as select_device
 from emanet.segmenter import InferenceOptions
 
 # Errors a user can fix (a file, a flag, a key, a full disk); the tools print their message alone.
 # Any other exception is a bug and keeps its traceback.
 USER_ERRORS = (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 USER_OS_ERRORS = tuple(getattr(errno, name) for name in ('ENOSPC', 'EDQUOT', 'EROFS') if hasattr(errno, name))
+
+use_fast_mkl_on_amd()
+
+
+def set_device(device):
+    """The tools' device: ``emanet.runtime.set_device``, and on CPU large allocations kept in glibc's heap
+    (``emanet.runtime.tune_cpu_allocator``: dygraph about 1.4x faster)."""
+    device = select_device(device)
+    if device == 'cpu':
+        tune_cpu_allocator()
+    return device
 
 
 def is_user_error(err):

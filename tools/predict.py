@@ -2,11 +2,10 @@
 import argparse
 
 from cli import (add_augment_flags, add_backend_flag, add_device_flag, add_verbose_flag, load_config_from_args, load_segmenter,
-                 run_cli)
+                 run_cli, set_device)
 from emanet.config import Builder
 from emanet.engine.predict import predict_images
 from emanet.logger import logger
-from emanet.runtime import set_device
 
 
 def parse_args(argv=None):

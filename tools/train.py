@@ -3,13 +3,12 @@ import argparse
 import os
 
 from cli import (add_device_flag, add_paddleseg_train_flags, add_verbose_flag, flags_without_effect,
-                        load_config_from_args, positive_int, run_cli)
+                 load_config_from_args, positive_int, run_cli, set_device)
 from emanet.config import save_config
 from emanet.engine.checkpointer import Checkpointer
 from emanet.engine.hooks import default_hooks
 from emanet.engine.trainer import train
 from emanet.logger import ignore_warnings, logger
-from emanet.runtime import tune_cpu_allocator
 from emanet.segmenter import InferenceOptions
 
 # Paddle's BatchNorm warns at its first training step that it tracks running statistics: nothing to act on.
@@ -59,8 +58,7 @@ def main(args):
                           eval_options=InferenceOptions.from_config(cfg.test_config), use_vdl=args.use_vdl,
                           log_attention=args.log_attention)
     checkpointer = Checkpointer(args.save_dir, keep=args.keep_checkpoint_max, safetensors=args.save_safetensors)
-    if args.device == 'cpu':
-        tune_cpu_allocator()
+    set_device(args.device)  # with the CPU allocator tuned (the library leaves it alone)
     with ignore_warnings(BATCH_NORM_NOTE):
         return train(cfg, hooks=hooks, checkpointer=checkpointer, resume_model=args.resume_model,
                      save_interval=args.save_interval, seed=args.seed, device=args.device,

@@ -3,13 +3,12 @@ python tools/visualize.py --config CFG --model_path PATH --image_path IMG_OR_DIR
 import argparse
 import os
 
-from cli import add_device_flag, add_verbose_flag, load_config_from_args, run_cli
+from cli import add_device_flag, add_verbose_flag, load_config_from_args, run_cli, set_device
 from emanet.config import Builder, build_model
 from emanet.engine.attention import save_attention_pictures
 from emanet.engine.inference import ModelSegmenter
 from emanet.errors import InvalidInput
 from emanet.logger import logger
-from emanet.runtime import set_device
 
 
 def parse_args(argv=None):

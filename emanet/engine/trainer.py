@@ -80,7 +80,7 @@ def train(cfg, save_dir=None, hooks=None, checkpointer=None, resume_model=None, 
     """
     checkpointer = checkpointer_for(save_dir, checkpointer)
     hooks = [TrainLog()] if hooks is None else list(hooks)
-    device = set_device(device, tune_allocator=False)
+    device = set_device(device)
     autocast, use_scaler = amp_settings(precision, device, amp_level)
     resume_folder = checkpointer.resolve(resume_model)
     saved = read_train_state(resume_folder) if resume_folder else {}

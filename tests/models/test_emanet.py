@@ -9,7 +9,6 @@ from paddleseg.models.backbones import ResNet18_vd, ResNet34_vd, ResNet50_vd, Re
 
 from emanet import EMANet
 from emanet.checkpoint import CheckpointError, load_weights, save_state
-from emanet.logger import logger
 
 BACKBONES = {'ResNet18_vd': ResNet18_vd, 'ResNet34_vd': ResNet34_vd,
              'ResNet50_vd': ResNet50_vd, 'ResNet101_vd': ResNet101_vd}
@@ -64,12 +63,8 @@ def test_legacy_bases_key_loads_into_mu_with_a_warning(tmp_path, caplog):
     path = str(tmp_path / 'old.pdparams')
     paddle.save(state, path)
     target = build(EMANet, 'ResNet18_vd', num_classes=3, seed=6)
-    logger.addHandler(caplog.handler)  # the package's logger does not propagate to the root
-    try:
-        with caplog.at_level(logging.WARNING, logger='emanet'):
-            load_weights(target, path)
-    finally:
-        logger.removeHandler(caplog.handler)
+    with caplog.at_level(logging.WARNING, logger='emanet'):
+        load_weights(target, path)
     np.testing.assert_array_equal(target.head.emau.mu.numpy(), state['head.emau.bases'])
     assert sum('head.emau.bases' in r.getMessage() for r in caplog.records) == 1
 

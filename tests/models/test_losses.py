@@ -2,8 +2,7 @@
 import numpy as np
 import paddle
 import pytest
-from paddleseg.cvlibs import manager
-
+from emanet import registry
 from emanet.models.losses import CrossEntropyLoss, OhemCrossEntropyLoss
 
 IGNORE = 255
@@ -66,10 +65,10 @@ def test_ohem_keeps_pixels_below_threshold_or_the_min_kept_hardest(batch):
         assert float(loss(paddle.to_tensor(logit), paddle.to_tensor(label))) == pytest.approx(expected, rel=1e-5)
 
 
-def test_losses_backpropagate_and_replace_paddleseg_entries(batch):
+def test_losses_backpropagate_and_replace_paddleseg_entries_in_our_builder(batch):
     logit, label = batch
     x = paddle.to_tensor(logit, stop_gradient=False)
     (CrossEntropyLoss()(x, paddle.to_tensor(label)) + OhemCrossEntropyLoss(min_kept=4)(x, paddle.to_tensor(label))).backward()
     assert np.isfinite(x.grad.numpy()).all() and np.abs(x.grad.numpy()).sum() > 0
-    assert manager.LOSSES['CrossEntropyLoss'] is CrossEntropyLoss
-    assert manager.LOSSES['OhemCrossEntropyLoss'] is OhemCrossEntropyLoss
+    assert registry.component('CrossEntropyLoss') is CrossEntropyLoss
+    assert registry.component('OhemCrossEntropyLoss') is OhemCrossEntropyLoss
