@@ -7,14 +7,9 @@ What its tools set for speed and logging, a program asks for with one call each:
 ``emanet.runtime.use_fast_mkl_on_amd()``, ``emanet.runtime.tune_cpu_allocator()``,
 ``emanet.logger.setup_logging()``.
 """
-import warnings
-
-# Importing paddle warns when ccache is missing, which matters only for compiling C++ extensions.
-warnings.filterwarnings('ignore', message='No ccache found', module=r'paddle\.utils\.cpp_extension')
-
 try:
-    import cv2  # noqa: F401,E402
-    import paddleseg  # noqa: F401,E402
+    import cv2  # noqa: F401
+    import paddleseg  # noqa: F401
 except ModuleNotFoundError as error:  # installing the package asks for neither (see setup.py)
     if error.name not in ('cv2', 'paddleseg'):
         raise

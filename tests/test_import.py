@@ -7,8 +7,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 PROBE = """
-import json, logging, os, sys
+import json, logging, os, sys, warnings
 import paddleseg
 from paddleseg.cvlibs import manager
 REGISTRIES = ('MODELS', 'BACKBONES', 'DATASETS', 'TRANSFORMS', 'LOSSES')
@@ -17,6 +19,7 @@ def registries():
     return {name: dict(getattr(manager, name).components_dict) for name in REGISTRIES}
 
 environ, before, root_handlers = dict(os.environ), registries(), list(logging.getLogger().handlers)
+filters = list(warnings.filters)
 import emanet
 after = registries()
 package_logger = logging.getLogger('emanet')
@@ -31,8 +34,14 @@ print(json.dumps({
     'level': package_logger.level,
     'root_handlers_unchanged': logging.getLogger().handlers == root_handlers,
     'scene_painter_imported': 'emanet.data.scene_painter' in sys.modules,
+    'warning_filters_unchanged': warnings.filters == filters,
 }))
 """
+
+
+@pytest.fixture(scope='module')
+def imported():
+    return import_in_a_fresh_process()
 
 
 def import_in_a_fresh_process():
@@ -42,19 +51,20 @@ def import_in_a_fresh_process():
     return json.loads(result.stdout.splitlines()[-1]), result.stdout
 
 
-def test_import_leaves_the_environment_alone():
-    found, _ = import_in_a_fresh_process()
+def test_import_leaves_the_environment_and_the_warning_filters_alone(imported):
+    found, _ = imported
     assert found['environ_changes'] == []
+    assert found['warning_filters_unchanged']
 
 
-def test_import_changes_only_the_emanet_entry_of_paddlesegs_registries():
-    found, _ = import_in_a_fresh_process()
+def test_import_changes_only_the_emanet_entry_of_paddlesegs_registries(imported):
+    found, _ = imported
     assert found['registry_changes'] == ['MODELS.EMANet']
     assert found['emanet_is_ours']
 
 
-def test_the_packages_log_records_reach_the_users_logging_config():
-    found, stdout = import_in_a_fresh_process()
+def test_the_packages_log_records_reach_the_users_logging_config(imported):
+    found, stdout = imported
     assert set(found['handlers']) <= {'NullHandler'}
     assert found['propagate'] is True
     assert found['level'] == 0  # NOTSET: the user's configuration decides
@@ -62,6 +72,6 @@ def test_the_packages_log_records_reach_the_users_logging_config():
     assert stdout.splitlines()[:-1] == []  # import itself logs nothing
 
 
-def test_import_does_not_load_the_quick_start_scene_painter():
-    found, _ = import_in_a_fresh_process()
+def test_import_does_not_load_the_quick_start_scene_painter(imported):
+    found, _ = imported
     assert found['scene_painter_imported'] is False

@@ -10,16 +10,20 @@ import argparse
 import errno
 import os
 import sys
+import warnings
 
-from emanet.config import build_model, load_config
-from emanet.deploy.predictor import BACKEND_FORMATS, load_exported
-from emanet.engine.distributed import stop_together
-from emanet.engine.inference import ModelSegmenter
-from emanet.errors import InvalidInput, UserError
-from emanet.logger import logger, setup_logging
-from emanet.runtime import parse_device, tune_cpu_allocator, use_fast_mkl_on_amd
-from emanet.runtime import set_device as select_device
-from emanet.segmenter import InferenceOptions
+# Importing paddle warns when ccache is missing, which matters only for compiling C++ extensions.
+warnings.filterwarnings('ignore', message='No ccache found', module=r'paddle\.utils\.cpp_extension')
+
+from emanet.config import build_model, load_config  # noqa: E402
+from emanet.deploy.predictor import BACKEND_FORMATS, load_exported  # noqa: E402
+from emanet.engine.distributed import stop_together  # noqa: E402
+from emanet.engine.inference import ModelSegmenter  # noqa: E402
+from emanet.errors import InvalidInput, UserError  # noqa: E402
+from emanet.logger import logger, setup_logging  # noqa: E402
+from emanet.runtime import parse_device, tune_cpu_allocator, use_fast_mkl_on_amd  # noqa: E402
+from emanet.runtime import set_device as select_device  # noqa: E402
+from emanet.segmenter import InferenceOptions  # noqa: E402
 
 # Errors a user can fix (a file, a flag, a key, a full disk); the tools print their message alone.
 # Any other exception is a bug and keeps its traceback.
