@@ -15,8 +15,10 @@ asks for each with one call, before its first computation: ``use_fast_mkl_on_amd
 """
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
+from typing import NamedTuple, Optional
 
 import paddle
 import paddle.distributed as dist
@@ -71,7 +73,7 @@ def set_device(device, cpu_threads=None):
         dist.init_parallel_env()  # started by paddle.distributed.launch: join the other processes
     if device == 'cpu':
         _log_fast_mkl_once()
-        set_cpu_threads(cpu_threads or max(1, len(os.sched_getaffinity(0)) // dist.get_world_size()))
+        set_cpu_threads(cpu_threads or default_cpu_threads())
     return device
 
 
@@ -89,29 +91,49 @@ def _log_fast_mkl_once():
                 "math); set the variable yourself to choose otherwise", MKL_CPU_TYPE_VARIABLE, MKL_AVX2_CPU_TYPE)
 
 
+class CpuInfo(NamedTuple):
+    vendor: Optional[str]  # 'GenuineIntel', 'AuthenticAMD', ... or None
+    flags: frozenset       # feature flags: 'avx2', 'avx512_bf16', ...
+    model: Optional[str]   # 'AMD EPYC 9B45', ...
+
+
+@functools.lru_cache(maxsize=None)
 def cpu_info():
-    """(vendor id, feature flags) of the CPU from /proc/cpuinfo: ('AuthenticAMD', {'avx2', ...}),
-    or (None, set()) where there is none."""
-    vendor, flags = None, set()
+    """What /proc/cpuinfo says of the first CPU (vendor, feature flags, model name); the one reader of it.
+    Where there is none: (None, frozenset(), None)."""
+    fields = {}
     try:
         with open('/proc/cpuinfo') as f:
             for line in f:
                 key, _, value = line.partition(':')
                 key = key.strip()
-                if key == 'vendor_id' and vendor is None:
-                    vendor = value.strip()
-                elif key == 'flags' and not flags:
-                    flags = set(value.split())
-                if vendor is not None and flags:
+                if key in ('vendor_id', 'flags', 'model name'):
+                    fields.setdefault(key, value.strip())
+                if not line.strip() and fields:  # the first processor's block ends
                     break
     except OSError:
         pass
-    return vendor, flags
+    return CpuInfo(fields.get('vendor_id'), frozenset(fields.get('flags', '').split()), fields.get('model name'))
 
 
 def cpu_vendor():
     """The CPU's vendor id ('GenuineIntel', 'AuthenticAMD', ...), or None."""
-    return cpu_info()[0]
+    return cpu_info().vendor
+
+
+def bf16_kind():
+    """How this CPU runs bf16: 'native' (AVX-512 bf16 or AMX: faster than fp32), 'emulated' (oneDNN's
+    bf16 kernels on AVX-512 without them: correct, slower than fp32) or None (no bf16 kernels)."""
+    if {'avx512_bf16', 'amx_bf16'} & cpu_info().flags:
+        return 'native'
+    return 'emulated' if core.supports_bfloat16() else None
+
+
+def default_cpu_threads():
+    """Math threads for one process: the cores this process may run on (its affinity, which is what a
+    container grants, unlike ``os.cpu_count()``), shared among the processes of a distributed run."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return max(1, cores // dist.get_world_size())
 
 
 def use_fast_mkl_on_amd(vendor=None, flags=None):
@@ -123,9 +145,9 @@ def use_fast_mkl_on_amd(vendor=None, flags=None):
     """
     global _fast_mkl_applied
     if vendor is None or flags is None:
-        found_vendor, found_flags = cpu_info()
-        vendor = found_vendor if vendor is None else vendor
-        flags = found_flags if flags is None else flags
+        found = cpu_info()
+        vendor = found.vendor if vendor is None else vendor
+        flags = found.flags if flags is None else flags
     if MKL_CPU_TYPE_VARIABLE in os.environ or vendor != 'AuthenticAMD' or 'avx2' not in flags:
         return False
     os.environ[MKL_CPU_TYPE_VARIABLE] = MKL_AVX2_CPU_TYPE

@@ -113,3 +113,28 @@ def test_the_log_line_says_what_was_applied():
     result = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, env=env, check=True)
     assert ("CPU allocator: blocks up to 1024 MiB come from glibc's heap and freed memory is kept for reuse"
             in result.stdout)
+
+
+def test_cpu_info_reads_the_first_processor_of_proc_cpuinfo():
+    text = open('/proc/cpuinfo').read()
+    first = dict(line.split(':', 1) for line in text.split('\n\n')[0].splitlines() if ':' in line)
+    first = {key.strip(): value.strip() for key, value in first.items()}
+    info = runtime.cpu_info()
+    assert info.vendor == first.get('vendor_id') and info.model == first.get('model name')
+    assert info.flags == frozenset(first.get('flags', '').split()) and 'sse2' in info.flags
+
+
+def test_bf16_is_native_only_with_the_instructions_and_emulated_where_onednn_has_kernels(monkeypatch):
+    info = runtime.cpu_info()
+    for flags, kernels, expected in ((frozenset({'avx512_bf16'}), True, 'native'), (frozenset({'amx_bf16'}), True,
+                                     'native'), (frozenset({'avx512f'}), True, 'emulated'), (frozenset(), False, None)):
+        monkeypatch.setattr(runtime, 'cpu_info', lambda flags=flags: info._replace(flags=flags))
+        monkeypatch.setattr(runtime.core, 'supports_bfloat16', lambda kernels=kernels: kernels)
+        assert runtime.bf16_kind() == expected
+
+
+def test_cpu_threads_default_to_the_cores_this_process_may_use_shared_among_processes(monkeypatch):
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2, 3, 4, 5})
+    assert runtime.default_cpu_threads() == 6
+    monkeypatch.setattr(runtime.dist, 'get_world_size', lambda: 4)
+    assert runtime.default_cpu_threads() == 1

@@ -35,7 +35,6 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 import paddleseg
 import paddleseg.models
-from paddle.base import core
 from paddleseg.cvlibs import manager
 from paddleseg.models import layers
 
@@ -44,15 +43,15 @@ from emanet.config import Builder, ConfigError, build_model, closest, load_confi
 from emanet.deploy.convert import onnx_converter, preprocessed_images, to_onnx, to_openvino
 from emanet.deploy.export import export_model, export_stage
 from emanet.deploy.predictor import load_exported
-from emanet.deploy.runtimes import has_fast_bf16, require
+from emanet.deploy.runtimes import require
 from emanet.engine.evaluate import evaluate
 from emanet.engine.inference import infer_logits
 from emanet.errors import InvalidInput, Unsupported
 from emanet.models.losses import CrossEntropyLoss
 from emanet.logger import logger
 from emanet.models import EMAU, EMANet
-from emanet.runtime import (MKL_AVX2_CPU_TYPE, MKL_CPU_TYPE_VARIABLE, cpu_vendor, fast_mkl_applied, set_cpu_threads,
-                            tune_cpu_allocator)
+from emanet.runtime import (MKL_AVX2_CPU_TYPE, MKL_CPU_TYPE_VARIABLE, bf16_kind, cpu_info, cpu_vendor,
+                            fast_mkl_applied, set_cpu_threads, tune_cpu_allocator)
 from emanet.segmenter import InferenceOptions, Segmenter
 
 # Parts a user can leave out with --skip.
@@ -444,15 +443,8 @@ PRECISION_SPEEDUP = {'bf16': ('avx512_bf16', 2), 'int8': ('vnni', 4)}
 
 def machine_info(device, threads=None):
     """CPU model, cores, threads (None: one per core), versions, and whether the CPU has AMX and oneDNN bf16."""
-    model_name, flags = platform.processor() or 'unknown', set()
-    if os.path.exists('/proc/cpuinfo'):
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                key, _, value = line.partition(':')
-                if key.strip() == 'model name':
-                    model_name = value.strip()
-                elif key.strip() == 'flags':
-                    flags = set(value.split())
+    cpu = cpu_info()
+    model_name, flags = cpu.model or platform.processor() or 'unknown', cpu.flags
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     info = {
         'cpu': model_name,
@@ -468,7 +460,7 @@ def machine_info(device, threads=None):
         'avx512_bf16': 'avx512_bf16' in flags,
         'vnni': bool({'avx512_vnni', 'avx_vnni'} & flags),
         'mkl_cpu_type': os.environ.get(MKL_CPU_TYPE_VARIABLE),
-        'bf16_supported': bool(core.supports_bfloat16()),
+        'bf16_supported': bf16_kind() is not None,
     }
     if device == 'gpu':
         info['gpu'] = paddle.device.cuda.get_device_name()
@@ -501,7 +493,7 @@ def plan_jobs(skip, device, threads, bf16_supported):
                      'backend': 'onnxruntime', 'precision': 'fp32'})
         jobs.append({'name': 'infer_openvino_fp32', 'kind': 'inference', 'export': 'openvino',
                      'backend': 'openvino', 'precision': 'fp32'})
-        if has_fast_bf16():
+        if bf16_kind() == 'native':
             jobs.append({'name': 'infer_openvino_bf16', 'kind': 'inference', 'export': 'openvino',
                          'backend': 'openvino', 'precision': 'bf16'})
         else:
@@ -580,7 +572,7 @@ def evaluate_quickstart(config_path, weights, work_dir, device='cpu', threads=No
     reference = None
     for name, export, backend, precision in QUICKSTART_PATHS:
         if export not in exports or (precision == 'bf16' and not bf16) or (backend == 'openvino' and precision == 'bf16'
-                                                                            and not has_fast_bf16()):
+                                                                            and bf16_kind() != 'native'):
             continue
         recorded = _RecordingSegmenter(load_exported(exports[export], backend=backend, device=device,
                                                      precision=precision, cpu_threads=threads))

@@ -1,14 +1,11 @@
 """An exported model behind the Segmenter interface, through Paddle Inference; oneDNN stays on for CPU."""
-import os
-
 import numpy as np
 import paddle
 from paddle import inference
-from paddle.base import core
 
 from emanet.deploy.export import read_deploy_config
 from emanet.errors import InvalidInput, Unsupported
-from emanet.runtime import launcher_gpu_id, parse_device
+from emanet.runtime import bf16_kind, default_cpu_threads, launcher_gpu_id, parse_device
 from emanet.segmenter import Segmenter, build_transforms, undo_transforms
 
 PRECISIONS = ('fp32', 'bf16', 'fp16')
@@ -23,7 +20,7 @@ def inference_config(model_file, params_file, device='cpu', precision='fp32', cp
     """A Paddle Inference config: oneDNN on CPU (bf16 kernels for 'bf16'), CUDA on GPU ('fp16' there).
 
     ``device`` is 'cpu', 'gpu' or 'gpu:N'. A combination this machine or build cannot run ends in
-    one ValueError/RuntimeError sentence. ``cpu_threads`` None uses every core.
+    one ValueError/RuntimeError sentence. ``cpu_threads`` None: ``emanet.runtime.default_cpu_threads()``.
     """
     kind, gpu_id = parse_device(device)
     if precision not in PRECISIONS:
@@ -53,9 +50,9 @@ def configure(config, kind, gpu_id, precision, cpu_threads=None):
     if precision == 'fp16':
         raise InvalidInput("fp16 runs on GPU only; on CPU use bf16 or fp32")
     config.enable_mkldnn()
-    config.set_cpu_math_library_num_threads(cpu_threads or os.cpu_count())
+    config.set_cpu_math_library_num_threads(cpu_threads or default_cpu_threads())
     if precision == 'bf16':
-        if not core.supports_bfloat16():
+        if bf16_kind() is None:
             raise InvalidInput("bf16 needs a CPU with AVX-512 (oneDNN's bf16 kernels); this one has none, use fp32")
         config.enable_mkldnn_bfloat16()
     return config
@@ -111,7 +108,7 @@ class PaddleInferenceSegmenter(ExportedSegmenter):
         deploy_path: deploy.yaml, or the folder holding it.
         device: 'cpu' (oneDNN), 'gpu' or 'gpu:N'.
         precision: 'fp32'; 'bf16' on a CPU with AVX-512; 'fp16' on GPU.
-        cpu_threads: math threads on CPU; None uses every core.
+        cpu_threads: math threads on CPU; None: ``emanet.runtime.default_cpu_threads()``.
     """
 
     backend = 'paddle'

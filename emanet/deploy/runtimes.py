@@ -3,12 +3,11 @@
 Both are optional (``pip install -r requirements-deploy.txt``); they run on CPU. Paddle Inference
 (``emanet.deploy.predictor``) stays the runtime for GPUs.
 """
-import os
 import sys
 
 from emanet.deploy.predictor import ExportedSegmenter
 from emanet.errors import InvalidInput, Unsupported
-from emanet.runtime import cpu_info, parse_device
+from emanet.runtime import bf16_kind, default_cpu_threads, parse_device
 
 DEPLOY_EXTRA = 'pip install -r requirements-deploy.txt'
 # Deploy packages that PyPI has no usable wheel of for every Python: the first and last Python with
@@ -38,17 +37,6 @@ def _cpu_only(device, backend):
         raise InvalidInput(f"{backend} runs here on CPU only; on a GPU use --backend paddle with a Paddle export")
 
 
-def cpu_flags():
-    """The CPU's feature flags (empty where /proc/cpuinfo is missing)."""
-    return cpu_info()[1]
-
-
-def has_fast_bf16(flags=None):
-    """Whether the CPU computes in bf16 natively (AVX-512 bf16 or AMX)."""
-    flags = cpu_flags() if flags is None else flags
-    return bool({'avx512_bf16', 'amx_bf16'} & flags)
-
-
 class OnnxRuntimeSegmenter(ExportedSegmenter):
     """An ONNX export in ONNX Runtime (CPU, float32)."""
 
@@ -62,7 +50,7 @@ class OnnxRuntimeSegmenter(ExportedSegmenter):
                              "for bf16 or int8 use --backend openvino")
         ort = require('onnxruntime', 'ONNX Runtime inference')
         options = ort.SessionOptions()
-        options.intra_op_num_threads = cpu_threads or os.cpu_count()
+        options.intra_op_num_threads = cpu_threads or default_cpu_threads()
         self.session = ort.InferenceSession(self.deploy['model'], options, providers=['CPUExecutionProvider'])
         self.input_name = self.session.get_inputs()[0].name
 
@@ -85,7 +73,7 @@ class OpenVINOSegmenter(ExportedSegmenter):
         _cpu_only(device, self.backend)
         if precision not in self.PRECISION_HINTS:
             raise InvalidInput(f"OpenVINO runs fp32 or bf16 (an int8 export is int8 either way), got '{precision}'")
-        if precision == 'bf16' and not has_fast_bf16():
+        if precision == 'bf16' and bf16_kind() != 'native':
             raise InvalidInput("bf16 needs a CPU with AVX-512 bf16 or AMX; this one has neither, use fp32")
         ov = require('openvino', 'OpenVINO inference')
         config = {'INFERENCE_PRECISION_HINT': self.PRECISION_HINTS[precision]}

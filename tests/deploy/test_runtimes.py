@@ -10,7 +10,8 @@ import pytest
 from emanet.deploy import convert, runtimes
 from emanet.deploy.convert import ExportCheckError, export_checked, preprocessed_images
 from emanet.deploy.predictor import load_exported
-from emanet.deploy.runtimes import OnnxRuntimeSegmenter, OpenVINOSegmenter, has_fast_bf16, require
+from emanet.deploy.runtimes import OnnxRuntimeSegmenter, OpenVINOSegmenter, require
+from emanet.runtime import bf16_kind
 from emanet.errors import Unsupported
 
 from conftest import ONNX_EXPORT_MISSING, OPENVINO_MISSING, needs_onnx_export
@@ -68,7 +69,7 @@ def test_int8_agrees_with_the_dygraph_model_on_most_pixels(exports, model, image
     assert exports['openvino_int8_agreement'] >= 0.9
 
 
-@pytest.mark.skipif(not has_fast_bf16(), reason='the CPU has no bf16')
+@pytest.mark.skipif(bf16_kind() != 'native', reason='the CPU has no bf16')
 def test_openvino_bf16_stays_close_to_fp32(exports, images):
     fp32, bf16 = load_exported(exports['openvino']), load_exported(exports['openvino'], precision='bf16')
     assert np.mean([np.mean(bf16.predict(image) == fp32.predict(image)) for image in images]) >= 0.95
