@@ -60,16 +60,12 @@ class EMAU(nn.Layer):
         shape = paddle.shape(x32)
         feats = x32.flatten(2)  # [B, C, N]
         with paddle.no_grad(), paddle.amp.auto_cast(enable=False):
-            bases, resp = self.em_steps(feats)
+            bases, resp = em_iterations(feats, self.mu.astype('float32'), self.stage_num)
             recon = paddle.matmul(bases, resp, transpose_y=True)  # [B, C, N]
             if self.training:
                 self.update_bases(bases)
         recon = paddle.reshape(recon, [0, self.channels, shape[2], shape[3]])
         return recon.astype(x.dtype)
-
-    def em_steps(self, feats):
-        """Run T EM iterations on feats [B, C, N]; return bases [B, C, K] and responsibilities [B, N, K]."""
-        return em_iterations(feats, self.mu.astype('float32'), self.stage_num)
 
     def update_bases(self, bases):
         """Blend the batch's final bases [B, C, K] into the learned bases (training only)."""
