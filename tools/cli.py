@@ -100,6 +100,28 @@ def inference_options(args, cfg):
     return InferenceOptions.from_config(cfg.test_config, **augment_flags(args))
 
 
+def add_model_flags(parser):
+    """The flags of a tool that runs a model on images (val.py, predict.py): the config, the model (weights
+    or an exported folder), where and in what precision it runs, its test-time options, overrides."""
+    parser.add_argument('--config', required=True, help='YAML config file')
+    parser.add_argument('--model_path', required=True,
+                        help='model.pdparams file or URL, or a folder written by tools/export.py')
+    parser.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'],
+                        help='for an exported model: bf16 on a CPU that has it (oneDNN, OpenVINO), fp16 on GPU')
+    add_device_flag(parser)
+    parser.add_argument('--opts', nargs='+', default=None, help='config overrides key=value')
+    add_backend_flag(parser)
+    add_augment_flags(parser)
+    add_verbose_flag(parser)
+
+
+def segmenter_from_args(args):
+    """(config, Segmenter) for the flags of ``add_model_flags``, on the device they name."""
+    set_device(args.device)
+    cfg = load_config_from_args(args, training=False)
+    return cfg, load_segmenter(args, cfg)
+
+
 def load_segmenter(args, cfg):
     """What --model_path names, as a Segmenter: a folder written by tools/export.py runs in its runtime
     (or --backend, in --precision); weights (a file or URL) go into the config's model, run with the

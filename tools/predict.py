@@ -1,8 +1,7 @@
 """Predict images: python tools/predict.py --config CFG --model_path PATH --image_path IMG_OR_DIR --save_dir out/"""
 import argparse
 
-from cli import (add_augment_flags, add_backend_flag, add_device_flag, add_verbose_flag, load_config_from_args, load_segmenter,
-                 run_cli, set_device)
+from cli import add_model_flags, run_cli, segmenter_from_args
 from emanet.config import Builder
 from emanet.engine.predict import predict_images
 from emanet.logger import logger
@@ -10,28 +9,18 @@ from emanet.logger import logger
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument('--config', required=True, help='YAML config file')
-    parser.add_argument('--model_path', required=True,
-                        help='model.pdparams file or URL, or a folder written by tools/export.py')
+    add_model_flags(parser)
     parser.add_argument('--image_path', required=True, help='an image, a folder of images, or a list file')
     parser.add_argument('--save_dir', default='output/result', help='where the masks and overlays go')
     parser.add_argument('--save_format', default='pseudo_color', choices=['pseudo_color', 'cityscapes'],
                         help="'cityscapes': PNGs of official label ids for the Cityscapes evaluator/server")
-    parser.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'],
-                        help='for an exported model: bf16 on a CPU that has it (oneDNN, OpenVINO), fp16 on GPU')
-    add_device_flag(parser)
-    parser.add_argument('--opts', nargs='+', default=None, help='config overrides key=value')
-    add_backend_flag(parser)
-    add_augment_flags(parser)
-    add_verbose_flag(parser)
     return parser.parse_args(argv)
 
 
 def main(args):
-    set_device(args.device)
-    cfg = load_config_from_args(args, training=False)
+    cfg, segmenter = segmenter_from_args(args)
     dataset_class = Builder(cfg).val_dataset_class
-    count = predict_images(load_segmenter(args, cfg), args.image_path, args.save_dir,
+    count = predict_images(segmenter, args.image_path, args.save_dir,
                            palette=getattr(dataset_class, 'PALETTE', None), save_format=args.save_format,
                            label_ids=getattr(dataset_class, 'LABEL_IDS', None))
     if args.save_format == 'cityscapes':

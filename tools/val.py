@@ -5,8 +5,7 @@ evaluated through Paddle Inference (oneDNN on CPU), with --precision fp32 or bf1
 """
 import argparse
 
-from cli import (add_augment_flags, add_backend_flag, add_device_flag, add_verbose_flag, load_config_from_args, load_segmenter,
-                 run_cli, set_device)
+from cli import add_model_flags, run_cli, segmenter_from_args
 from emanet.config import Builder
 from emanet.deploy.predictor import ExportedSegmenter
 from emanet.engine.evaluate import evaluate
@@ -15,25 +14,14 @@ from emanet.logger import logger
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument('--config', required=True, help='YAML config file')
-    parser.add_argument('--model_path', required=True,
-                        help='model.pdparams file or URL, or a folder written by tools/export.py')
-    parser.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'],
-                        help='for an exported model: bf16 on a CPU that has it (oneDNN, OpenVINO), fp16 on GPU')
-    add_device_flag(parser)
+    add_model_flags(parser)
     parser.add_argument('--num_workers', type=int, default=0, help='data loader processes')
     parser.add_argument('--save_json', help='also write the metrics to this JSON file')
-    parser.add_argument('--opts', nargs='+', default=None, help='config overrides key=value')
-    add_backend_flag(parser)
-    add_augment_flags(parser)
-    add_verbose_flag(parser)
     return parser.parse_args(argv)
 
 
 def main(args):
-    set_device(args.device)
-    cfg = load_config_from_args(args, training=False)
-    segmenter = load_segmenter(args, cfg)
+    cfg, segmenter = segmenter_from_args(args)
     note = None
     not_applied = [key for key, value in cfg.test_config.items() if value]
     if isinstance(segmenter, ExportedSegmenter) and not_applied:
