@@ -4,7 +4,7 @@
 ``type: EMANet`` in a PaddleSeg YAML builds this package's model; it changes nothing else in the
 process. Its losses and datasets for Paddle 3 are what this package's builder uses (``emanet.registry``).
 What its tools set for speed and logging, a program asks for with one call each:
-``emanet.runtime.use_fast_mkl_on_amd()``, ``emanet.runtime.tune_cpu_allocator()``,
+``emanet.device.use_fast_mkl_on_amd()``, ``emanet.device.tune_cpu_allocator()``,
 ``emanet.logger.setup_logging()``.
 """
 try:

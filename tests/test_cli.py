@@ -11,7 +11,7 @@ import pytest
 import cli  # tools/cli.py
 from cli import flags_without_effect
 from conftest import TOOLS
-from emanet import runtime
+from emanet import device
 
 
 def tool(name):
@@ -83,13 +83,13 @@ def test_only_errors_a_user_can_fix_lose_their_traceback(capsys, monkeypatch):
 def run_with_cli(code):
     """stdout of a fresh process that imports tools/cli.py as the tools do, then runs ``code``,
     started without MKL_DEBUG_CPU_TYPE."""
-    env = {key: value for key, value in os.environ.items() if key != runtime.MKL_CPU_TYPE_VARIABLE}
+    env = {key: value for key, value in os.environ.items() if key != device.MKL_CPU_TYPE_VARIABLE}
     probe = f'import os, sys; sys.path.insert(0, {TOOLS!r}); import cli\n{code}'
     return subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, env=env, check=True).stdout
 
 
 def test_the_tools_let_mkl_take_its_avx2_path_on_amd_cpus_with_avx2():
-    vendor, flags, _ = runtime.cpu_info()
+    vendor, flags, _ = device.cpu_info()
     expected = '5' if vendor == 'AuthenticAMD' and 'avx2' in flags else 'None'
     assert run_with_cli("print(os.environ.get('MKL_DEBUG_CPU_TYPE'))").split()[-1] == expected
 
@@ -110,10 +110,10 @@ class RecordingGlibc:
 
 
 def test_the_tools_tune_the_allocator_on_cpu_and_the_librarys_set_device_does_not(monkeypatch):
-    monkeypatch.setenv(runtime.ALLOCATOR_VARIABLE, '1')
+    monkeypatch.setenv(device.ALLOCATOR_VARIABLE, '1')
     libc = RecordingGlibc()
-    monkeypatch.setattr(runtime, '_glibc', lambda: libc)
-    runtime.set_device('cpu')
+    monkeypatch.setattr(device, '_glibc', lambda: libc)
+    device.set_device('cpu')
     assert libc.calls == []
     cli.set_device('cpu')
-    assert libc.calls == [(runtime.M_MMAP_THRESHOLD, 1 << 30), (runtime.M_TRIM_THRESHOLD, (1 << 31) - 1)]
+    assert libc.calls == [(device.M_MMAP_THRESHOLD, 1 << 30), (device.M_TRIM_THRESHOLD, (1 << 31) - 1)]

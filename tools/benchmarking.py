@@ -7,7 +7,7 @@ The measuring code behind tools/benchmark.py; it uses the emanet package and is 
 - parameters and multiply-adds (Conv2D layers by forward hooks, the EM unit by its formula);
 - eval latency and peak memory of (a) our dygraph model, (b) PaddleSeg's EMANet holding the same
   weights, with glibc's default allocator, (b') the same under emanet's runtime settings
-  (``emanet.runtime.tune_cpu_allocator``), so that model and runtime gains show apart, (c) our
+  (``emanet.device.tune_cpu_allocator``), so that model and runtime gains show apart, (c) our
   exported model through Paddle Inference with oneDNN fp32, (d) the same in bf16;
 - a training step of (a), (b) and (b'), the cost of flip evaluation, and how often the variants' labels agree;
 - the EM unit alone against a non-local block of the same width;
@@ -50,7 +50,7 @@ from emanet.errors import InvalidInput, Unsupported
 from emanet.models.losses import CrossEntropyLoss
 from emanet.logger import logger
 from emanet.models import EMAU, EMANet
-from emanet.runtime import (MKL_AVX2_CPU_TYPE, MKL_CPU_TYPE_VARIABLE, bf16_kind, cpu_info, cpu_vendor,
+from emanet.device import (MKL_AVX2_CPU_TYPE, MKL_CPU_TYPE_VARIABLE, bf16_kind, cpu_info, cpu_vendor,
                             fast_mkl_applied, set_cpu_threads, tune_cpu_allocator)
 from emanet.segmenter import InferenceOptions, Segmenter
 

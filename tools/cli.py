@@ -21,8 +21,8 @@ from emanet.engine.distributed import stop_together  # noqa: E402
 from emanet.engine.inference import ModelSegmenter  # noqa: E402
 from emanet.errors import InvalidInput, UserError  # noqa: E402
 from emanet.logger import logger, setup_logging  # noqa: E402
-from emanet.runtime import parse_device, tune_cpu_allocator, use_fast_mkl_on_amd  # noqa: E402
-from emanet.runtime import set_device as select_device  # noqa: E402
+from emanet.device import parse_device, tune_cpu_allocator, use_fast_mkl_on_amd  # noqa: E402
+from emanet.device import set_device as select_device  # noqa: E402
 from emanet.segmenter import InferenceOptions  # noqa: E402
 
 # Errors a user can fix (a file, a flag, a key, a full disk); the tools print their message alone.
@@ -34,8 +34,8 @@ use_fast_mkl_on_amd()
 
 
 def set_device(device):
-    """The tools' device: ``emanet.runtime.set_device``, and on CPU large allocations kept in glibc's heap
-    (``emanet.runtime.tune_cpu_allocator``: dygraph about 1.4x faster)."""
+    """The tools' device: ``emanet.device.set_device``, and on CPU large allocations kept in glibc's heap
+    (``emanet.device.tune_cpu_allocator``: dygraph about 1.4x faster)."""
     device = select_device(device)
     if device == 'cpu':
         tune_cpu_allocator()

@@ -5,7 +5,7 @@ from paddle import inference
 
 from emanet.deploy.export import read_deploy_config
 from emanet.errors import InvalidInput, Unsupported
-from emanet.runtime import bf16_kind, default_cpu_threads, launcher_gpu_id, parse_device
+from emanet.device import bf16_kind, default_cpu_threads, launcher_gpu_id, parse_device
 from emanet.segmenter import Segmenter, build_transforms, undo_transforms
 
 PRECISIONS = ('fp32', 'bf16', 'fp16')
@@ -20,7 +20,7 @@ def inference_config(model_file, params_file, device='cpu', precision='fp32', cp
     """A Paddle Inference config: oneDNN on CPU (bf16 kernels for 'bf16'), CUDA on GPU ('fp16' there).
 
     ``device`` is 'cpu', 'gpu' or 'gpu:N'. A combination this machine or build cannot run ends in
-    one ValueError/RuntimeError sentence. ``cpu_threads`` None: ``emanet.runtime.default_cpu_threads()``.
+    one ValueError/RuntimeError sentence. ``cpu_threads`` None: ``emanet.device.default_cpu_threads()``.
     """
     kind, gpu_id = parse_device(device)
     if precision not in PRECISIONS:
@@ -108,7 +108,7 @@ class PaddleInferenceSegmenter(ExportedSegmenter):
         deploy_path: deploy.yaml, or the folder holding it.
         device: 'cpu' (oneDNN), 'gpu' or 'gpu:N'.
         precision: 'fp32'; 'bf16' on a CPU with AVX-512; 'fp16' on GPU.
-        cpu_threads: math threads on CPU; None: ``emanet.runtime.default_cpu_threads()``.
+        cpu_threads: math threads on CPU; None: ``emanet.device.default_cpu_threads()``.
     """
 
     backend = 'paddle'

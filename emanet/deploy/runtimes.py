@@ -7,7 +7,7 @@ import sys
 
 from emanet.deploy.predictor import ExportedSegmenter
 from emanet.errors import InvalidInput, Unsupported
-from emanet.runtime import bf16_kind, default_cpu_threads, parse_device
+from emanet.device import bf16_kind, default_cpu_threads, parse_device
 
 DEPLOY_EXTRA = 'pip install -r requirements-deploy.txt'
 # Deploy packages that PyPI has no usable wheel of for every Python: the first and last Python with

@@ -131,7 +131,7 @@ def stop_together():
     """Run the body of a multi-process job so that no process outlives another's failure silently.
 
     In a run of several processes (``paddle.distributed.launch``), once this process has joined
-    the others (``emanet.runtime.set_device``):
+    the others (``emanet.device.set_device``):
     - an exception leaving the block, or SIGTERM (its launcher was stopped), is told to the other
       processes before this one ends; each of them then ends at once, printing
       ``error: process R of N stopped: <that process's sentence>`` and exiting with code 2;

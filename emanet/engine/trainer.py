@@ -24,7 +24,7 @@ from emanet.engine.hooks import NO_BEST, TrainingRun, TrainLog
 from emanet.errors import InvalidInput, Unsupported, UserError
 from emanet.logger import logger
 from emanet.models import EMAU
-from emanet.runtime import set_device
+from emanet.device import set_device
 
 
 class TrainingDiverged(UserError, RuntimeError):

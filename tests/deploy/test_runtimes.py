@@ -11,7 +11,7 @@ from emanet.deploy import convert, runtimes
 from emanet.deploy.convert import ExportCheckError, export_checked, preprocessed_images
 from emanet.deploy.predictor import load_exported
 from emanet.deploy.runtimes import OnnxRuntimeSegmenter, OpenVINOSegmenter, require
-from emanet.runtime import bf16_kind
+from emanet.device import bf16_kind
 from emanet.errors import Unsupported
 
 from conftest import ONNX_EXPORT_MISSING, OPENVINO_MISSING, needs_onnx_export

@@ -1,4 +1,4 @@
-"""Runtime settings: the device check, CPU threads, and the allocator tuning's effect on page faults."""
+"""Device and process settings: the device check, CPU threads, and the allocator tuning's effect on page faults."""
 import os
 import subprocess
 import sys
@@ -7,16 +7,16 @@ import textwrap
 import paddle
 import pytest
 
-from emanet import runtime
+from emanet import device
 
 # Page faults while ReLU writes a fresh 64 MB tensor, once earlier identical tensors were freed
 # (glibc settles its heap over the first few).
 FAULTS_PROBE = textwrap.dedent("""
     import resource, sys
     import paddle
-    from emanet import runtime
+    from emanet import device
     if sys.argv[1] == 'tuned':
-        assert runtime.tune_cpu_allocator()
+        assert device.tune_cpu_allocator()
     x = paddle.randn([16, 1024, 1024])  # 64 MB
     for _ in range(4):
         paddle.nn.functional.relu(x)  # allocated, then freed
@@ -33,7 +33,7 @@ def page_faults(mode):
     return int(result.stdout.split()[-1])
 
 
-@pytest.mark.skipif(runtime._glibc() is None, reason='the allocator tuning is glibc-only')
+@pytest.mark.skipif(device._glibc() is None, reason='the allocator tuning is glibc-only')
 def test_tuned_allocator_reuses_freed_memory_instead_of_faulting_it_in_again():
     pages = 64 * 2 ** 20 // os.sysconf('SC_PAGE_SIZE')
     assert page_faults('default') > pages // 2  # glibc mmaps the 64 MB anew: every page faults
@@ -41,41 +41,41 @@ def test_tuned_allocator_reuses_freed_memory_instead_of_faulting_it_in_again():
 
 
 def test_allocator_tuning_can_be_turned_off(monkeypatch):
-    monkeypatch.setenv(runtime.ALLOCATOR_VARIABLE, '0')
-    assert runtime.tune_cpu_allocator() == {}
+    monkeypatch.setenv(device.ALLOCATOR_VARIABLE, '0')
+    assert device.tune_cpu_allocator() == {}
 
 
 def test_gpu_on_a_cpu_build_is_one_clear_error():
     if paddle.is_compiled_with_cuda():
         pytest.skip('this Paddle has CUDA')
     with pytest.raises(RuntimeError, match='paddlepaddle-gpu'):
-        runtime.set_device('gpu')
+        device.set_device('gpu')
 
 
 def test_amd_cpus_get_mkls_fast_path_unless_the_user_chose(monkeypatch):
-    monkeypatch.delenv(runtime.MKL_CPU_TYPE_VARIABLE, raising=False)
-    monkeypatch.setattr(runtime, '_fast_mkl_applied', False)
-    assert runtime.use_fast_mkl_on_amd(vendor='GenuineIntel', flags={'avx2'}) is False
-    assert runtime.MKL_CPU_TYPE_VARIABLE not in os.environ
+    monkeypatch.delenv(device.MKL_CPU_TYPE_VARIABLE, raising=False)
+    monkeypatch.setattr(device, '_fast_mkl_applied', False)
+    assert device.use_fast_mkl_on_amd(vendor='GenuineIntel', flags={'avx2'}) is False
+    assert device.MKL_CPU_TYPE_VARIABLE not in os.environ
     # An AMD CPU without AVX2 (MKL's AVX2 kernels would end the process with SIGILL there).
-    assert runtime.use_fast_mkl_on_amd(vendor='AuthenticAMD', flags={'sse4_2', 'avx'}) is False
-    assert runtime.MKL_CPU_TYPE_VARIABLE not in os.environ
-    assert runtime.use_fast_mkl_on_amd(vendor='AuthenticAMD', flags={'avx', 'avx2'}) is True
-    assert os.environ[runtime.MKL_CPU_TYPE_VARIABLE] == '5'
-    monkeypatch.setenv(runtime.MKL_CPU_TYPE_VARIABLE, '2')
-    assert runtime.use_fast_mkl_on_amd(vendor='AuthenticAMD', flags={'avx2'}) is False
-    assert os.environ[runtime.MKL_CPU_TYPE_VARIABLE] == '2'
+    assert device.use_fast_mkl_on_amd(vendor='AuthenticAMD', flags={'sse4_2', 'avx'}) is False
+    assert device.MKL_CPU_TYPE_VARIABLE not in os.environ
+    assert device.use_fast_mkl_on_amd(vendor='AuthenticAMD', flags={'avx', 'avx2'}) is True
+    assert os.environ[device.MKL_CPU_TYPE_VARIABLE] == '5'
+    monkeypatch.setenv(device.MKL_CPU_TYPE_VARIABLE, '2')
+    assert device.use_fast_mkl_on_amd(vendor='AuthenticAMD', flags={'avx2'}) is False
+    assert os.environ[device.MKL_CPU_TYPE_VARIABLE] == '2'
 
 
-@pytest.mark.parametrize('device, parsed', [('cpu', ('cpu', None)), ('gpu', ('gpu', None)), ('gpu:1', ('gpu', 1))])
-def test_device_names(device, parsed):
-    assert runtime.parse_device(device) == parsed
+@pytest.mark.parametrize('name, parsed', [('cpu', ('cpu', None)), ('gpu', ('gpu', None)), ('gpu:1', ('gpu', 1))])
+def test_device_names(name, parsed):
+    assert device.parse_device(name) == parsed
 
 
-@pytest.mark.parametrize('device', ['cuda', 'gpu:x', 'cpu:0', 'gpu:'])
-def test_a_bad_device_name_is_one_clear_error(device):
-    with pytest.raises(ValueError, match=f"'cpu', 'gpu' or 'gpu:N'.*got '{device}'"):
-        runtime.parse_device(device)
+@pytest.mark.parametrize('name', ['cuda', 'gpu:x', 'cpu:0', 'gpu:'])
+def test_a_bad_device_name_is_one_clear_error(name):
+    with pytest.raises(ValueError, match=f"'cpu', 'gpu' or 'gpu:N'.*got '{name}'"):
+        device.parse_device(name)
 
 
 class OldGlibc:
@@ -87,28 +87,28 @@ class OldGlibc:
 
     def mallopt(self, parameter, value):
         self.calls.append((parameter, value))
-        if parameter == runtime.M_MMAP_THRESHOLD:
+        if parameter == device.M_MMAP_THRESHOLD:
             return int(value <= 32 << 20)
         return int(not self.refuse_trim)
 
 
 def test_older_glibc_gets_the_largest_threshold_it_accepts_and_the_trim_setting_still(monkeypatch):
-    monkeypatch.setenv(runtime.ALLOCATOR_VARIABLE, '1')
+    monkeypatch.setenv(device.ALLOCATOR_VARIABLE, '1')
     libc = OldGlibc()
-    assert runtime.tune_cpu_allocator(libc) == {'mmap_threshold': 32 << 20, 'trim_threshold': (1 << 31) - 1}
-    assert libc.calls == [(runtime.M_MMAP_THRESHOLD, 1 << 30), (runtime.M_MMAP_THRESHOLD, 32 << 20),
-                          (runtime.M_TRIM_THRESHOLD, (1 << 31) - 1)]
+    assert device.tune_cpu_allocator(libc) == {'mmap_threshold': 32 << 20, 'trim_threshold': (1 << 31) - 1}
+    assert libc.calls == [(device.M_MMAP_THRESHOLD, 1 << 30), (device.M_MMAP_THRESHOLD, 32 << 20),
+                          (device.M_TRIM_THRESHOLD, (1 << 31) - 1)]
 
 
 def test_each_setting_is_applied_on_its_own(monkeypatch):
-    monkeypatch.setenv(runtime.ALLOCATOR_VARIABLE, '1')
-    assert runtime.tune_cpu_allocator(OldGlibc(refuse_trim=True)) == {'mmap_threshold': 32 << 20}
+    monkeypatch.setenv(device.ALLOCATOR_VARIABLE, '1')
+    assert device.tune_cpu_allocator(OldGlibc(refuse_trim=True)) == {'mmap_threshold': 32 << 20}
 
 
-@pytest.mark.skipif(runtime._glibc() is None, reason='the allocator tuning is glibc-only')
+@pytest.mark.skipif(device._glibc() is None, reason='the allocator tuning is glibc-only')
 def test_the_log_line_says_what_was_applied():
-    probe = ("from emanet import runtime; from emanet.logger import setup_logging; "
-             "setup_logging(); runtime.tune_cpu_allocator()")
+    probe = ("from emanet import device; from emanet.logger import setup_logging; "
+             "setup_logging(); device.tune_cpu_allocator()")
     env = dict(os.environ, EMANET_TUNE_MALLOC='1')
     result = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, env=env, check=True)
     assert ("CPU allocator: blocks up to 1024 MiB come from glibc's heap and freed memory is kept for reuse"
@@ -119,22 +119,22 @@ def test_cpu_info_reads_the_first_processor_of_proc_cpuinfo():
     text = open('/proc/cpuinfo').read()
     first = dict(line.split(':', 1) for line in text.split('\n\n')[0].splitlines() if ':' in line)
     first = {key.strip(): value.strip() for key, value in first.items()}
-    info = runtime.cpu_info()
+    info = device.cpu_info()
     assert info.vendor == first.get('vendor_id') and info.model == first.get('model name')
     assert info.flags == frozenset(first.get('flags', '').split()) and 'sse2' in info.flags
 
 
 def test_bf16_is_native_only_with_the_instructions_and_emulated_where_onednn_has_kernels(monkeypatch):
-    info = runtime.cpu_info()
+    info = device.cpu_info()
     for flags, kernels, expected in ((frozenset({'avx512_bf16'}), True, 'native'), (frozenset({'amx_bf16'}), True,
                                      'native'), (frozenset({'avx512f'}), True, 'emulated'), (frozenset(), False, None)):
-        monkeypatch.setattr(runtime, 'cpu_info', lambda flags=flags: info._replace(flags=flags))
-        monkeypatch.setattr(runtime.core, 'supports_bfloat16', lambda kernels=kernels: kernels)
-        assert runtime.bf16_kind() == expected
+        monkeypatch.setattr(device, 'cpu_info', lambda flags=flags: info._replace(flags=flags))
+        monkeypatch.setattr(device.core, 'supports_bfloat16', lambda kernels=kernels: kernels)
+        assert device.bf16_kind() == expected
 
 
 def test_cpu_threads_default_to_the_cores_this_process_may_use_shared_among_processes(monkeypatch):
     monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2, 3, 4, 5})
-    assert runtime.default_cpu_threads() == 6
-    monkeypatch.setattr(runtime.dist, 'get_world_size', lambda: 4)
-    assert runtime.default_cpu_threads() == 1
+    assert device.default_cpu_threads() == 6
+    monkeypatch.setattr(device.dist, 'get_world_size', lambda: 4)
+    assert device.default_cpu_threads() == 1

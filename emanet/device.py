@@ -1,4 +1,5 @@
-"""Process-wide runtime settings for dygraph Paddle: device, CPU math threads, the C allocator.
+"""Where and how fast the process computes: the device (CPU, GPU, distributed), CPU math threads, the C
+allocator, MKL's code path on AMD, what the CPU can do (cpu_info, bf16_kind). Process-wide settings.
 
 Three defaults of dygraph Paddle on CPU cost a segmentation network most of its speed:
 - its math (the GEMMs under every convolution) runs on one thread unless told;
