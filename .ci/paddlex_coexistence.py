@@ -20,8 +20,8 @@ import yaml
 from paddleseg.models.backbones import ResNet18_vd
 
 import emanet
-from emanet.deploy.convert import export_checked
-from emanet.deploy.predictor import load_exported
+from emanet.deploy.export import export_checked
+from emanet.deploy.backends import load_exported
 from emanet.integrations import paddlex as emanet_paddlex
 
 HEIGHT, WIDTH = 128, 160

@@ -1,7 +1,7 @@
 """The one prediction interface: a ``Segmenter`` turns images into label maps at their own size.
 
 Implementations: ``emanet.engine.inference.ModelSegmenter`` (a dygraph model with its test-time
-options) and ``emanet.deploy.predictor.ExportedSegmenter`` (an exported model in Paddle Inference).
+options) and ``emanet.deploy.exported.ExportedSegmenter`` (an exported model in Paddle Inference).
 Evaluation (``emanet.engine.evaluate.evaluate``), prediction on files
 (``emanet.engine.predict.predict_images``), the tools and the benchmark take any of them.
 """

@@ -16,7 +16,7 @@ sys.path.insert(0, TOOLS)
 
 
 def _onnx_export_missing():
-    from emanet.deploy.convert import onnx_converter
+    from emanet.deploy.export import onnx_converter
     from emanet.errors import Unsupported
     try:
         onnx_converter()

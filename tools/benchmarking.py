@@ -40,9 +40,9 @@ from paddleseg.models import layers
 
 from emanet.checkpoint import load_weights, save_state
 from emanet.config import Builder, ConfigError, build_model, closest, load_config
-from emanet.deploy.convert import onnx_converter, preprocessed_images, to_onnx, to_openvino
-from emanet.deploy.export import export_model, export_stage
-from emanet.deploy.predictor import load_exported
+from emanet.deploy.export import onnx_converter, preprocessed_images, to_onnx, to_openvino
+from emanet.deploy.static_graph import export_model, export_stage
+from emanet.deploy.backends import load_exported
 from emanet.deploy.runtimes import require
 from emanet.engine.evaluate import evaluate
 from emanet.engine.inference import infer_logits

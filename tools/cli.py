@@ -16,7 +16,7 @@ import warnings
 warnings.filterwarnings('ignore', message='No ccache found', module=r'paddle\.utils\.cpp_extension')
 
 from emanet.config import build_model, load_config  # noqa: E402
-from emanet.deploy.predictor import BACKEND_FORMATS, load_exported  # noqa: E402
+from emanet.deploy.backends import BACKEND_FORMATS, load_exported  # noqa: E402
 from emanet.engine.distributed import stop_together  # noqa: E402
 from emanet.engine.inference import ModelSegmenter  # noqa: E402
 from emanet.errors import InvalidInput, UserError  # noqa: E402

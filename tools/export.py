@@ -13,8 +13,8 @@ if '--legacy_program' in sys.argv[1:] and os.environ.get('FLAGS_enable_pir_api')
 
 from cli import add_verbose_flag, load_config_from_args, positive_int, run_cli
 from emanet.config import Builder, ConfigError, build_model
-from emanet.deploy.convert import FORMATS, export_checked, preprocessed_images
-from emanet.deploy.export import OUTPUT_OPS, export_stage
+from emanet.deploy.export import FORMATS, export_checked, preprocessed_images
+from emanet.deploy.static_graph import OUTPUT_OPS, export_stage
 from emanet.engine.predict import list_images
 from emanet.logger import logger
 

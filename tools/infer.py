@@ -2,7 +2,8 @@
 import argparse
 
 from cli import add_backend_flag, add_device_flag, run_cli
-from emanet.deploy.predictor import PRECISIONS, load_exported
+from emanet.deploy.backends import load_exported
+from emanet.deploy.paddle_inference import PRECISIONS
 from emanet.engine.predict import predict_images
 from emanet.logger import logger
 

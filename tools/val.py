@@ -7,7 +7,7 @@ import argparse
 
 from cli import add_model_flags, run_cli, segmenter_from_args
 from emanet.config import Builder
-from emanet.deploy.predictor import ExportedSegmenter
+from emanet.deploy.exported import ExportedSegmenter
 from emanet.engine.evaluate import evaluate
 from emanet.logger import logger
 

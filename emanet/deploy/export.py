@@ -1,206 +1,245 @@
-"""Export a model for Paddle Inference: a static graph and deploy.yaml, in PaddleSeg's layout.
+"""Exports for every runtime, each checked against the dygraph model before it is handed out.
 
-Paddle 3.3's oneDNN inference cannot run the ``bilinear_interp`` op in any form (size, scale or
-fixed shape: it fails on the op's ``scale`` attribute, "ConvertPirAttribute2RuntimeAttribute not
-support"), and oneDNN is the fast CPU path. So the exported graph resizes the logits with two
-matrix products holding the weights of Paddle's bilinear kernel: labels equal the dygraph
-model's up to float-rounding ties. Resizing in numpy after the graph would cost the same
-(~0.1 s at 1024x512) but leave the graph without full-size outputs for other runtimes.
+- 'paddle': Paddle's static graph (``export_model``), for Paddle Inference on CPU and GPU;
+- 'onnx': the same graph through paddle2onnx, for ONNX Runtime (and OpenVINO);
+- 'openvino': the ONNX model as OpenVINO IR, in fp32 or int8 (NNCF post-training quantization
+  calibrated on images of the training set);
+- 'paddlex': the Paddle export as the model folder PaddleX 3 reads (``emanet.integrations.paddlex``).
+
+``export_checked`` runs the export and the dygraph model on the same images and refuses to
+finish when their labels agree less than the precision allows: a conversion bug (paddle2onnx has
+misread float attributes such as BatchNorm's epsilon) never reaches a user. The export is written
+into a fresh folder beside ``save_dir`` and moved into place only once it passes, so a failed
+export leaves ``save_dir`` as it was; a ``save_dir`` holding anything but an earlier export is
+refused before any work (``--save_dir output`` must never touch a training run's checkpoints).
 """
 import contextlib
-import copy
 import os
+import secrets
+import shutil
+import tempfile
 
 import paddle
-import paddle.nn as nn
-import paddle.nn.functional as F
-import yaml
 
-from emanet.deploy.legacy_program import legacy_operators, writes_legacy_program
-from emanet.errors import InvalidInput
-from emanet.logger import drop_stderr_lines, ignore_warnings, logger
+from emanet.deploy.static_graph import DEPLOY_FILE, MODEL_PREFIX, export_model, read_deploy_config, write_deploy_config
+from emanet.deploy.backends import load_exported
+from emanet.deploy.runtimes import require
+from emanet.engine.evaluate import evaluate
+from emanet.errors import InvalidInput, UserError
+from emanet.logger import logger
+from emanet.segmenter import build_transforms, read_image
 
-OUTPUT_OPS = ('argmax', 'softmax', 'none')
-DEPLOY_FILE = 'deploy.yaml'
-MODEL_PREFIX = 'model'
-# PaddleSeg's layers build BatchNorm instead of SyncBatchNorm while this is set.
-EXPORT_STAGE_VARIABLE = 'PADDLESEG_EXPORT_STAGE'
-# What Paddle prints while it traces and saves a model, none of it about the exported model: a C++
-# log line because Paddle 3.3's own paddle.add hands its `out=None` to the graph builder, and its
-# legacy executor's start;
-TRACING_LOG_LINES = ('not support input out tensor', 'New Executor is Running')
-# a warning when the `place` of a traced value is read, and two about Paddle's own legacy tracing.
-TRACING_WARNINGS = ("Tensor do not have 'place' interface", 'paddle.amp.auto_cast is an experimental features',
-                    'The Attr(force_cpu) of Op(fill_constant)')
+FORMATS = ('paddle', 'onnx', 'openvino', 'paddlex')
+ONNX_OPSET = 17
+# The least share of pixels whose labels must equal the dygraph model's, by quantization.
+MIN_AGREEMENT = {'fp32': 0.9999, 'int8': 0.95}
 
 
-def resize_bilinear_by_matmul(logits, size, align_corners):
-    """Bilinear resize of logits [N, C, h, w] to ``size`` (H, W) as two matrix products.
+class ExportCheckError(UserError, RuntimeError):
+    """An export's labels differ from the dygraph model's; the message gives the share."""
 
-    Each row of the weight matrices holds the two weights Paddle's CPU bilinear kernel uses
-    (float32, half-pixel centres unless ``align_corners``) and zeros elsewhere, so the values
-    equal ``F.interpolate``'s up to float rounding.
+
+class ExportFolderError(UserError, ValueError):
+    """``save_dir`` holds files that are not an earlier export's: the export will not write there."""
+
+
+# The files an export of any format writes; a folder holding only these (and deploy.yaml) is an earlier export.
+EXPORT_FILES = {DEPLOY_FILE} | {f'{MODEL_PREFIX}.{suffix}' for suffix in
+                                ('json', 'pdmodel', 'pdiparams', 'pdiparams.info', 'onnx', 'xml', 'bin')} | {
+    f'inference.{suffix}' for suffix in ('json', 'pdmodel', 'pdiparams', 'yml', 'onnx')}  # the 'paddlex' format
+
+
+def check_export_folder(save_dir):
+    """Refuse a ``save_dir`` that exists and holds anything but an earlier export, in one sentence."""
+    if not os.path.exists(save_dir):
+        return
+    if not os.path.isdir(save_dir):
+        raise ExportFolderError(f"--save_dir {save_dir} is a file, not a folder")
+    names = sorted(os.listdir(save_dir))
+    foreign = [name for name in names
+               if not (name in EXPORT_FILES and os.path.isfile(os.path.join(save_dir, name)))]
+    if names and (foreign or DEPLOY_FILE not in names):
+        shown = ', '.join((foreign or names)[:3]) + (' ...' if len(foreign or names) > 3 else '')
+        raise ExportFolderError(f"--save_dir {save_dir} is not empty and is not an earlier export (it holds "
+                                f"{shown}); give a new or empty folder, the export replaces only an earlier export")
+
+
+@contextlib.contextmanager
+def staged_folder(save_dir):
+    """A new, empty folder beside ``save_dir`` to write into; ``publish`` moves it into place.
+
+    If the block fails or is not published, the staging folder (which this process created) is
+    removed and ``save_dir`` is untouched.
     """
-    shape = paddle.shape(logits)  # [N, C, h, w]
-    rows = _interpolation_weights(shape[2], size[0], align_corners)  # [H, h]
-    cols = _interpolation_weights(shape[3], size[1], align_corners)  # [W, w]
-    # oneDNN's matmul misreads a 4-D conv output broadcast against a 2-D matrix; 3-D reads right.
-    planes = paddle.reshape(logits, [-1, shape[2], shape[3]])  # [N*C, h, w]
-    resized = paddle.matmul(rows, paddle.matmul(planes, cols, transpose_y=True))  # [N*C, H, W]
-    return paddle.reshape(resized, [shape[0], shape[1], size[0], size[1]])
-
-
-def _interpolation_weights(in_size, out_size, align_corners):
-    """Weights [out_size, in_size] of 1-D linear interpolation, computed as Paddle's kernel does."""
-    in_size = paddle.cast(in_size, 'int64')
-    in_float = paddle.cast(in_size, 'float32')
-    out_float = paddle.cast(out_size, 'float32')
-    positions = paddle.arange(out_size, dtype='float32')  # [out]
-    if align_corners:
-        ratio = (in_float - 1) / paddle.maximum(out_float - 1, paddle.ones_like(out_float))
-        source = ratio * positions
-    else:
-        # The kernel uses ratio 0 for a single output pixel: it reads the first input pixel.
-        ratio = paddle.where(out_float > 1, in_float / out_float, paddle.zeros_like(out_float))
-        source = paddle.clip(ratio * (positions + 0.5) - 0.5, min=0.0)
-    lower = paddle.floor(source)
-    upper_weight = source - lower  # [out]
-    lower = paddle.cast(lower, 'int64')
-    upper = paddle.minimum(lower + 1, in_size - 1)
-    inputs = paddle.arange(in_size, dtype='int64')  # [in]
-    return (paddle.cast(inputs[None, :] == lower[:, None], 'float32') * (1 - upper_weight)[:, None]
-            + paddle.cast(inputs[None, :] == upper[:, None], 'float32') * upper_weight[:, None])
-
-
-class InferenceModel(nn.Layer):
-    """What gets exported: the model's main logits, then ``output_op``."""
-
-    def __init__(self, model, output_op):
-        super().__init__()
-        self.model = model
-        self.output_op = output_op
-
-    def forward(self, x):
-        logits = self.model(x)[0]  # [N, C, H, W]
-        if self.output_op == 'argmax':
-            return paddle.argmax(logits, axis=1, dtype='int32')  # [N, H, W]
-        if self.output_op == 'softmax':
-            return F.softmax(logits, axis=1)
-        return logits
-
-
-@contextlib.contextmanager
-def export_stage():
-    """Set PaddleSeg's export flag, so models built inside use BatchNorm, not SyncBatchNorm."""
-    previous = os.environ.get(EXPORT_STAGE_VARIABLE)
-    os.environ[EXPORT_STAGE_VARIABLE] = 'True'
+    os.makedirs(os.path.dirname(os.path.abspath(save_dir)), exist_ok=True)
+    staging = _unused_name_beside(save_dir, '.part')
+    os.mkdir(staging)  # not mkdtemp, whose folders are private: an export folder is an ordinary one
     try:
-        yield
+        yield staging
     finally:
-        if previous is None:
-            del os.environ[EXPORT_STAGE_VARIABLE]
-        else:
-            os.environ[EXPORT_STAGE_VARIABLE] = previous
+        shutil.rmtree(staging, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def _traceable(model):
-    """``model`` in eval mode with the matmul resize; both undone on exit."""
-    if not hasattr(model, 'resize_logits'):
-        raise TypeError(f"export_model needs an emanet EMANet (a model with resize_logits), "
-                        f"got {type(model).__name__}")
-    was_training, resize = model.training, model.resize_logits
+def _unused_name_beside(save_dir, suffix):
+    """A hidden name in the folder of ``save_dir`` that nothing holds yet: '.<name>.<random><suffix>'."""
+    save_dir = os.path.abspath(save_dir)
+    while True:
+        name = os.path.join(os.path.dirname(save_dir), f'.{os.path.basename(save_dir)}.{secrets.token_hex(4)}{suffix}')
+        if not os.path.lexists(name):
+            return name
+
+
+def publish(staging, save_dir):
+    """Move the checked export ``staging`` to ``save_dir``; an earlier export there is replaced
+    (its files are export files only, see ``check_export_folder``)."""
+    check_export_folder(save_dir)  # again: the folder may have changed while the export ran
+    previous = None
+    if os.path.isdir(save_dir):
+        previous = _unused_name_beside(save_dir, '.old')
+        os.replace(save_dir, previous)
+    os.replace(staging, save_dir)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def onnx_converter():
+    """paddle2onnx, which every ONNX and OpenVINO export goes through; raises ``Unsupported`` in one
+    sentence where it is missing (or has no wheel for this Python)."""
+    paddle2onnx = require('paddle2onnx', 'Exporting to ONNX or OpenVINO')
+    require('onnx_graphsurgeon', 'ONNX constant folding')  # else polygraphy would pip-install it
+    return paddle2onnx
+
+
+def to_onnx(paddle_dir, save_dir):
+    """Convert the Paddle export in ``paddle_dir`` to save_dir/model.onnx (+ deploy.yaml)."""
+    deploy = read_deploy_config(paddle_dir)
+    paddle2onnx = onnx_converter()
+    os.makedirs(save_dir, exist_ok=True)
+    path = os.path.join(save_dir, 'model.onnx')
+    paddle2onnx.export(deploy['model'], deploy['params'], save_file=path, opset_version=ONNX_OPSET,
+                       enable_onnx_checker=True, optimize_tool='polygraphy')
+    if not os.path.isfile(path):  # paddle2onnx logs its errors instead of raising them
+        raise RuntimeError(f"paddle2onnx could not convert {deploy['model']} (see the log above)")
+    return _write_deploy(save_dir, deploy, format='onnx', model='model.onnx', params=None)
+
+
+def to_openvino(onnx_dir, save_dir, calibration=None):
+    """Convert the ONNX export in ``onnx_dir`` to OpenVINO IR (model.xml, model.bin) in ``save_dir``;
+    with ``calibration`` (preprocessed images [3, h, w]), quantize it to int8 with NNCF."""
+    deploy = read_deploy_config(onnx_dir)
+    ov = require('openvino', 'OpenVINO export')
+    model = ov.convert_model(deploy['model'])
+    quantization = 'fp32'
+    if calibration is not None:
+        nncf = require('nncf', 'int8 quantization')
+        model = nncf.quantize(model, nncf.Dataset([image[None] for image in calibration]),
+                              subset_size=len(calibration))
+        quantization = 'int8'
+    os.makedirs(save_dir, exist_ok=True)
+    ov.save_model(model, os.path.join(save_dir, 'model.xml'), compress_to_fp16=False)
+    return _write_deploy(save_dir, deploy, format='openvino', model='model.xml', params='model.bin',
+                         quantization=quantization)
+
+
+def _write_deploy(save_dir, deploy, **changes):
+    """deploy.yaml in ``save_dir``: ``deploy`` (as read, with absolute paths) with ``changes``."""
+    fields = {key: value for key, value in deploy.items() if key not in ('model', 'params')}
+    fields.update(changes)
+    return write_deploy_config(save_dir, {key: value for key, value in fields.items() if value is not None})
+
+
+def preprocessed_images(paths, transforms_cfg):
+    """Images [3, h, w] float32 prepared by the deploy transforms, one per path."""
+    transforms = build_transforms(transforms_cfg)
+    return [transforms({'img': read_image(path).astype('float32'), 'trans_info': [], 'gt_fields': []})['img']
+            for path in paths]
+
+
+def label_agreement(exported, model, images):
+    """Share of pixels where ``exported`` and the dygraph ``model`` give the same label."""
     model.eval()
-    model.resize_logits = resize_bilinear_by_matmul
-    try:
-        yield model
-    finally:
-        model.resize_logits = resize
-        if was_training:
-            model.train()
+    equal = total = 0
+    for image in images:
+        with paddle.no_grad():
+            expected = paddle.argmax(model(paddle.to_tensor(image[None]))[0], axis=1).numpy()
+        labels = exported.labels(image[None], [])
+        equal += int((labels == expected).sum())
+        total += labels.size
+    return equal / total
 
 
-def export_model(model, save_dir, transforms_cfg, input_shape=None, output_op='argmax'):
-    """Write ``model`` as a static inference model plus deploy.yaml into ``save_dir``.
+def _check(exported, model, check_images, min_agreement, what, save_dir):
+    """The share of labels ``exported`` gives as the dygraph ``model`` does; an error below ``min_agreement``."""
+    agreement = label_agreement(exported, model, check_images)
+    if agreement < min_agreement:
+        raise ExportCheckError(f"the {what} export labels {agreement:.4%} of the pixels as the dygraph model does "
+                               f"on {len(check_images)} images, below {min_agreement:.2%}; it was not written to "
+                               f"{save_dir}")
+    logger.info("Checked the %s export against the dygraph model: %.4f%% of the labels equal on %d images",
+                what, agreement * 100, len(check_images))
+    return agreement
 
-    Build the model inside ``export_stage()``, as tools/export.py does, so that PaddleSeg layers
-    make plain BatchNorm rather than SyncBatchNorm. In a process started with
-    ``FLAGS_enable_pir_api=0`` the program is written in the legacy format (model.pdmodel, for
-    PaddleSeg's deploy/python/infer.py, Paddle Inference 2.x and Paddle-Lite), else as model.json.
+
+def export_checked(model, save_dir, transforms_cfg, check_images, export_format='paddle', input_shape=None,
+                   output_op='argmax', calibration=None, min_agreement=None, val_dataset=None,
+                   paddlex_name=None, paddlex_onnx=False):
+    """Export ``model`` as ``export_format`` into ``save_dir``, then check it against the dygraph model.
 
     Args:
-        model: an emanet EMANet; it is left as it was.
-        transforms_cfg (list[dict]): the config's val transforms, e.g. [{'type': 'Normalize'}];
-            inference rebuilds them, so images are preprocessed as in evaluation.
-        input_shape: [N, 3, H, W] to fix the input size; None accepts any batch size, H and W.
-        output_op: 'argmax' (int32 labels [N, H, W]), 'softmax' (probabilities [N, C, H, W])
-            or 'none' (logits [N, C, H, W]).
+        check_images: preprocessed images [3, h, w] that both models label.
+        calibration: preprocessed images for int8 quantization (OpenVINO only); None keeps fp32.
+        min_agreement: the least share of equal labels (default: 99.99% fp32, 95% int8).
+        val_dataset: with ``calibration``, a labelled dataset on which the int8 model and the fp32
+            graph it was quantized from (both in OpenVINO) are evaluated, to report what int8 costs.
+        paddlex_name: the 'paddlex' format's model name ('EMANet-...', see emanet.integrations.paddlex).
+        paddlex_onnx: the 'paddlex' format also holds inference.onnx (checked in ONNX Runtime too).
     Returns:
-        The path of deploy.yaml.
+        (path of deploy.yaml, share of labels equal to the dygraph model's, {'fp32': mIoU, 'int8': mIoU}
+        or None without ``val_dataset``).
     """
-    if output_op not in OUTPUT_OPS:
-        raise InvalidInput(f"output_op must be one of {', '.join(OUTPUT_OPS)}, got '{output_op}'")
-    shape = [None, 3, None, None] if input_shape is None else [int(v) for v in input_shape]
-    if len(shape) != 4 or shape[1] != 3:
-        raise InvalidInput(f"input_shape must be N 3 H W, got {' '.join(map(str, input_shape))}")
-    os.makedirs(save_dir, exist_ok=True)
-    legacy = writes_legacy_program()
-    with _traceable(model), (legacy_operators() if legacy else contextlib.nullcontext()):
-        with paddle.no_grad():  # EMANet does not store its number of classes; its logits tell
-            num_classes = int(model(paddle.zeros([1, 3, 64, 64]))[0].shape[1])
-        # A copy of shape: InputSpec turns its None into -1 in place.
-        input_spec = [paddle.static.InputSpec(list(shape), 'float32', name='x')]
-        with drop_stderr_lines(*TRACING_LOG_LINES), ignore_warnings(*TRACING_WARNINGS):
-            static_model = paddle.jit.to_static(InferenceModel(model, output_op), input_spec=input_spec,
-                                                full_graph=True)
-            paddle.jit.save(static_model, os.path.join(save_dir, MODEL_PREFIX))
-    # Paddle 3 writes the program as model.json (PIR); the legacy program format is model.pdmodel.
-    model_file = MODEL_PREFIX + ('.pdmodel' if legacy else '.json')
-    path = write_deploy_config(save_dir, {
-        'format': 'paddle',
-        'model': model_file,
-        'params': MODEL_PREFIX + '.pdiparams',
-        'transforms': copy.deepcopy(list(transforms_cfg)),
-        'input_shape': shape,
-        'output_op': output_op,
-        'output_dtype': 'int32' if output_op == 'argmax' else 'float32',
-        'num_classes': num_classes,
-    })
-    logger.info("Exported the inference model (output_op %s, input %s) to %s",
-                output_op, shape, save_dir)
-    return path
-
-
-def write_deploy_config(save_dir, deploy):
-    """Write ``deploy`` (file names relative to ``save_dir``) as save_dir/deploy.yaml; return its path."""
-    path = os.path.join(save_dir, DEPLOY_FILE)
-    with open(path, 'w') as f:
-        yaml.safe_dump({'Deploy': deploy}, f, sort_keys=False)
-    return path
-
-
-def read_deploy_config(path):
-    """The ``Deploy`` section of a deploy.yaml (or of the one in folder ``path``), with
-    ``model`` and ``params`` turned into paths next to it."""
-    if os.path.isdir(path):
-        path = os.path.join(path, DEPLOY_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"deploy config not found: {path}")
-    with open(path) as f:
-        deploy = (yaml.safe_load(f) or {}).get('Deploy')
-    required = ('model', 'transforms', 'output_op')
-    if not isinstance(deploy, dict) or any(key not in deploy for key in required):
-        raise InvalidInput(f"{path}: not a deploy config; expected a 'Deploy' section with "
-                         f"{', '.join(required)}")
-    folder = os.path.dirname(os.path.abspath(path))
-    files = [key for key in ('model', 'params') if deploy.get(key)]  # an ONNX model has no params file
-    for key in files:  # an exported folder may come from someone else: it names only its own files
-        name = deploy[key]
-        if not isinstance(name, str) or os.path.basename(name) != name or name in (os.curdir, os.pardir):
-            raise InvalidInput(f"{path}: {key} must be a file name in the deploy config's folder, got {name!r}")
-    deploy = dict(deploy, format=deploy.get('format', 'paddle'),
-                  **{key: os.path.join(folder, deploy[key]) for key in files})
-    for key in files:
-        if not os.path.isfile(deploy[key]):
-            raise FileNotFoundError(f"{path}: {key} file not found: {deploy[key]}")
-    return deploy
+    if export_format not in FORMATS:
+        raise InvalidInput(f"format must be one of {', '.join(FORMATS)}, got '{export_format}'")
+    if calibration is not None and export_format != 'openvino':
+        raise InvalidInput("int8 quantization is made for OpenVINO: use --format openvino")
+    if paddlex_onnx and export_format != 'paddlex':
+        raise InvalidInput("an ONNX graph inside the PaddleX folder is for --format paddlex; use --format onnx")
+    if export_format == 'paddlex':  # its name and output are checked before any work
+        from emanet.integrations.paddlex import check_model_name
+        check_model_name(paddlex_name)
+        if output_op != 'argmax':
+            raise InvalidInput(f"PaddleX's segmentation predictor takes labels: use --output_op argmax, "
+                               f"not {output_op}")
+    quantization = 'int8' if calibration is not None else 'fp32'
+    min_agreement = MIN_AGREEMENT[quantization] if min_agreement is None else min_agreement
+    if not check_images:
+        raise ValueError("export_checked needs at least one image to check the export on")
+    check_export_folder(save_dir)
+    if export_format in ('onnx', 'openvino') or paddlex_onnx:
+        onnx_converter()  # before any work: says so where paddle2onnx cannot be had
+    with staged_folder(save_dir) as staging, tempfile.TemporaryDirectory(prefix='emanet_export_') as work:
+        paddle_dir = staging if export_format in ('paddle', 'paddlex') else os.path.join(work, 'paddle')
+        export_model(model, paddle_dir, transforms_cfg, input_shape=input_shape, output_op=output_op)
+        if export_format == 'paddlex':
+            from emanet.integrations.paddlex import write_model_folder
+            write_model_folder(staging, paddlex_name)
+        elif export_format != 'paddle':
+            onnx_dir = staging if export_format == 'onnx' else os.path.join(work, 'onnx')
+            to_onnx(paddle_dir, onnx_dir)
+            if export_format == 'openvino':
+                to_openvino(onnx_dir, staging, calibration)
+        if export_format == 'paddlex' and paddlex_onnx:  # the ONNX graph beside it, for PaddleX's onnxruntime engine
+            onnx_dir = os.path.join(work, 'onnx')
+            to_onnx(staging, onnx_dir)
+            _check(load_exported(onnx_dir), model, check_images, min_agreement, 'paddlex (ONNX) fp32', save_dir)
+            os.replace(os.path.join(onnx_dir, 'model.onnx'), os.path.join(staging, 'inference.onnx'))
+        agreement = _check(load_exported(staging), model, check_images, min_agreement,
+                           f'{export_format} {quantization}', save_dir)
+        miou = None
+        if calibration is not None and val_dataset is not None:
+            miou = {precision: evaluate(load_exported(folder, backend='openvino'), val_dataset,
+                                        note=f'OpenVINO {precision}')['miou']
+                    for precision, folder in (('fp32', onnx_dir), ('int8', staging))}
+            logger.info("int8 quantization: mIoU %.4f against %.4f in fp32 (%+.4f) on %d val images",
+                        miou['int8'], miou['fp32'], miou['int8'] - miou['fp32'], len(val_dataset))
+        publish(staging, save_dir)
+    return os.path.join(save_dir, DEPLOY_FILE), agreement, miou

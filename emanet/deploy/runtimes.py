@@ -1,11 +1,11 @@
 """ONNX Runtime and OpenVINO behind the Segmenter interface, for the ONNX and OpenVINO exports.
 
 Both are optional (``pip install -r requirements-deploy.txt``); they run on CPU. Paddle Inference
-(``emanet.deploy.predictor``) stays the runtime for GPUs.
+(``emanet.deploy.paddle_inference``) stays the runtime for GPUs.
 """
 import sys
 
-from emanet.deploy.predictor import ExportedSegmenter
+from emanet.deploy.exported import ExportedSegmenter
 from emanet.errors import InvalidInput, Unsupported
 from emanet.device import bf16_kind, default_cpu_threads, parse_device
 

@@ -86,7 +86,7 @@ def write_model_folder(folder, model_name):
     The model files are renamed to PaddleX's names, ``deploy.yaml`` follows them, and ``inference.yml``
     names the model. The export must label (argmax): PaddleX's predictor takes labels [N, H, W].
     """
-    from emanet.deploy.export import read_deploy_config, write_deploy_config
+    from emanet.deploy.static_graph import read_deploy_config, write_deploy_config
     check_model_name(model_name)
     deploy = read_deploy_config(folder)
     if deploy['output_op'] != 'argmax':

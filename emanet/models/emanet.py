@@ -94,7 +94,7 @@ class EMANet(nn.Layer):
         self.head = EMAHead(num_classes, in_channels, ema_channels, gc_channels, num_bases,
                             stage_num, momentum, concat_input, enable_auxiliary_loss)
         self.align_corners = align_corners
-        # How logits reach the input size. emanet.deploy.export swaps in an equal matrix-product
+        # How logits reach the input size. emanet.deploy.static_graph swaps in an equal matrix-product
         # resize while it traces the model: Paddle 3.3's oneDNN inference cannot run bilinear_interp.
         self.resize_logits = resize_bilinear
         self.pretrained = pretrained

@@ -16,8 +16,9 @@ from conftest import TOOLS
 from emanet import EMANet
 from emanet.checkpoint import save_state
 from emanet.config import build_model, load_config
-from emanet.deploy.export import export_model, read_deploy_config, resize_bilinear_by_matmul
-from emanet.deploy.predictor import inference_config, load_exported
+from emanet.deploy.static_graph import export_model, read_deploy_config, resize_bilinear_by_matmul
+from emanet.deploy.backends import load_exported
+from emanet.deploy.paddle_inference import inference_config
 from emanet.models.emanet import resize_bilinear
 
 NUM_CLASSES = 5
@@ -172,7 +173,7 @@ def folder_contents(folder):
 
 
 def test_an_export_that_fails_its_check_leaves_the_earlier_export_untouched(tmp_path, images):
-    from emanet.deploy.convert import ExportCheckError, export_checked, preprocessed_images
+    from emanet.deploy.export import ExportCheckError, export_checked, preprocessed_images
     check = preprocessed_images(images, TRANSFORMS)
     save_dir = tmp_path / 'inference'
     export_checked(tiny_emanet(), str(save_dir), TRANSFORMS, check)
@@ -195,16 +196,16 @@ def test_an_export_that_fails_its_check_leaves_the_earlier_export_untouched(tmp_
 
 
 def test_a_folder_that_is_not_an_export_is_refused_before_any_work(tmp_path, images, monkeypatch):
-    from emanet.deploy import convert
+    from emanet.deploy import export
     run = tmp_path / 'output'  # a training run's folder, as `--save_dir output` would name it
     (run / 'iter_2').mkdir(parents=True)
     (run / 'iter_2' / 'model.pdparams').write_bytes(b'weights of a long training run')
     (run / 'config.yml').write_text('batch_size: 2\n')
     before = folder_contents(run)
-    monkeypatch.setattr(convert, 'export_model', lambda *args, **kwargs: pytest.fail('the export started'))
-    with pytest.raises(convert.ExportFolderError, match=rf'--save_dir {run} is not empty and is not an earlier '
+    monkeypatch.setattr(export, 'export_model', lambda *args, **kwargs: pytest.fail('the export started'))
+    with pytest.raises(export.ExportFolderError, match=rf'--save_dir {run} is not empty and is not an earlier '
                                                         r'export \(it holds config\.yml, iter_2\)'):
-        convert.export_checked(tiny_emanet(), str(run), TRANSFORMS, convert.preprocessed_images(images, TRANSFORMS))
+        export.export_checked(tiny_emanet(), str(run), TRANSFORMS, export.preprocessed_images(images, TRANSFORMS))
     assert folder_contents(run) == before
     assert sorted(os.listdir(tmp_path)) == ['output']
 

@@ -3,8 +3,8 @@ import paddle
 import pytest
 from paddle import inference
 
-from emanet.deploy import predictor
-from emanet.deploy.predictor import FLOAT32_OPS, configure, inference_config
+from emanet.deploy import paddle_inference
+from emanet.deploy.paddle_inference import FLOAT32_OPS, configure, inference_config
 from emanet.models import EMAU
 
 
@@ -43,7 +43,7 @@ def test_plain_gpu_under_the_launcher_takes_the_processs_own_gpu(monkeypatch):
 
 @pytest.mark.parametrize('precision, bf16_calls', [('fp32', 0), ('bf16', 1)])
 def test_cpu_runs_onednn_without_the_inplace_pass(precision, bf16_calls, monkeypatch):
-    monkeypatch.setattr(predictor, 'bf16_kind', lambda: 'emulated')
+    monkeypatch.setattr(paddle_inference, 'bf16_kind', lambda: 'emulated')
     config = configure(RecordingConfig(), 'cpu', None, precision, cpu_threads=2)
     assert config.called('enable_mkldnn') == [()] and config.called('delete_pass') == [('inplace_pass',)]
     assert config.called('set_cpu_math_library_num_threads') == [(2,)]

@@ -14,7 +14,7 @@ from paddleseg.deploy.infer import DeployConfig
 from conftest import TOOLS
 from deploy.test_export import NUM_CLASSES, assert_labels_vary, dygraph_label, tiny_emanet
 from emanet.checkpoint import save_state
-from emanet.deploy.predictor import load_exported
+from emanet.deploy.backends import load_exported
 
 
 @pytest.fixture(scope='module')

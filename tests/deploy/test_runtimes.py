@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from emanet.deploy import convert, runtimes
-from emanet.deploy.convert import ExportCheckError, export_checked, preprocessed_images
-from emanet.deploy.predictor import load_exported
+from emanet.deploy import export, runtimes
+from emanet.deploy.export import ExportCheckError, export_checked, preprocessed_images
+from emanet.deploy.backends import load_exported
 from emanet.deploy.runtimes import OnnxRuntimeSegmenter, OpenVINOSegmenter, require
 from emanet.device import bf16_kind
 from emanet.errors import Unsupported
@@ -85,7 +85,7 @@ def test_a_runtime_that_cannot_read_a_format_is_one_clear_error(exports):
 @needs_onnx_export
 def test_a_corrupted_conversion_is_refused_and_removed(model, images, tmp_path, monkeypatch):
     import onnx  # installed with paddle2onnx only
-    real_to_onnx = convert.to_onnx
+    real_to_onnx = export.to_onnx
 
     def to_onnx_misreading_epsilon(paddle_dir, save_dir):
         """As paddle2onnx's bug reads PIR float attributes: every BatchNorm epsilon wrong."""
@@ -102,7 +102,7 @@ def test_a_corrupted_conversion_is_refused_and_removed(model, images, tmp_path, 
         onnx.save(graph, onnx_path)
         return path
 
-    monkeypatch.setattr(convert, 'to_onnx', to_onnx_misreading_epsilon)
+    monkeypatch.setattr(export, 'to_onnx', to_onnx_misreading_epsilon)
     save_dir = tmp_path / 'onnx'
     with pytest.raises(ExportCheckError, match=r'the onnx fp32 export labels \d+\.\d+% of the pixels'):
         export_checked(model, str(save_dir), TRANSFORMS, preprocessed_images(images, TRANSFORMS),
@@ -130,7 +130,7 @@ def test_without_a_paddle2onnx_wheel_onnx_and_openvino_exports_say_so_before_any
         model, images, tmp_path, monkeypatch, export_format):
     monkeypatch.setitem(sys.modules, 'paddle2onnx', None)  # as on a Python it has no wheel for
     monkeypatch.setitem(runtimes.WHEEL_PYTHONS, 'paddle2onnx', ((2, 6), (2, 7), ''))
-    monkeypatch.setattr(convert, 'export_model', lambda *args, **kwargs: pytest.fail('the export started'))
+    monkeypatch.setattr(export, 'export_model', lambda *args, **kwargs: pytest.fail('the export started'))
     with pytest.raises(Unsupported, match=r"^Exporting to ONNX or OpenVINO needs the 'paddle2onnx' package, "
                                           r"which has wheels for Python 2\.6 to 2\.7 only"):
         export_checked(model, str(tmp_path / 'export'), TRANSFORMS, preprocessed_images(images, TRANSFORMS),

@@ -29,7 +29,7 @@ import export
 import infer
 from conftest import CONFIG, TOOLS, _onnx_export_missing
 from emanet.config import build_model, load_config
-from emanet.deploy.predictor import load_exported
+from emanet.deploy.backends import load_exported
 from emanet.errors import InvalidInput, Unsupported
 from emanet.integrations import paddlex as emanet_paddlex
 

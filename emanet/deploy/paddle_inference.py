@@ -1,12 +1,10 @@
-"""An exported model behind the Segmenter interface, through Paddle Inference; oneDNN stays on for CPU."""
-import numpy as np
+"""Paddle Inference runs a Paddle export (model.json or model.pdmodel): oneDNN on CPU, CUDA on GPU."""
 import paddle
 from paddle import inference
 
-from emanet.deploy.export import read_deploy_config
+from emanet.deploy.exported import ExportedSegmenter
 from emanet.errors import InvalidInput, Unsupported
 from emanet.device import bf16_kind, default_cpu_threads, launcher_gpu_id, parse_device
-from emanet.segmenter import Segmenter, build_transforms, undo_transforms
 
 PRECISIONS = ('fp32', 'bf16', 'fp16')
 # The EM unit's products, softmax and normalisations (see EMAU) lose too much in fp16; Paddle
@@ -58,49 +56,6 @@ def configure(config, kind, gpu_id, precision, cpu_threads=None):
     return config
 
 
-class ExportedSegmenter(Segmenter):
-    """Label maps from an exported model (a folder with deploy.yaml); ``load_exported`` picks the runtime.
-
-    Single images go through the deploy config's transforms (the config's val transforms at export
-    time); labels come back at each image's own size. An 'argmax' export's labels are resized back
-    by nearest neighbour; 'softmax'/'none' exports resize the scores first, as the dygraph model does.
-    Subclasses run the graph (``infer``): Paddle Inference, ONNX Runtime or OpenVINO.
-    """
-
-    backend = None
-
-    def __init__(self, deploy_path):
-        self.deploy = read_deploy_config(deploy_path)
-        self.output_op = self.deploy['output_op']
-        self.num_classes = self.deploy.get('num_classes')
-        self.input_shape = self.deploy.get('input_shape') or [None] * 4  # None: any size
-        self.transforms = build_transforms(self.deploy['transforms'])
-
-    def infer(self, batch):
-        """The graph's output for a contiguous float32 batch [N, 3, h, w]."""
-        raise NotImplementedError
-
-    def run(self, batch):
-        """The model's raw output for a preprocessed batch [N, 3, h, w] (numpy or Tensor)."""
-        batch = np.asarray(batch.numpy() if isinstance(batch, paddle.Tensor) else batch)
-        if any(size not in (None, -1) and size != actual for size, actual in zip(self.input_shape, batch.shape)):
-            raise InvalidInput(f"the model was exported for input {self.input_shape}, got {list(batch.shape)} after "
-                             "preprocessing; add a Resize transform or export without --input_shape")
-        return self.infer(np.ascontiguousarray(batch, dtype=np.float32))
-
-    def logits(self, images):
-        if self.output_op == 'argmax':
-            raise InvalidInput("this model was exported with output_op argmax: it gives labels, not scores "
-                             "(export with --output_op softmax or none for scores)")
-        return paddle.to_tensor(self.run(images))
-
-    def labels(self, images, trans_info):
-        if self.output_op != 'argmax':
-            return super().labels(images, trans_info)
-        labels = paddle.to_tensor(self.run(images)[:, None].astype(np.float32))  # [N, 1, h, w]
-        return undo_transforms(labels, trans_info, labels=True)[:, 0].numpy().astype(np.int32)
-
-
 class PaddleInferenceSegmenter(ExportedSegmenter):
     """A Paddle export (model.json or model.pdmodel) in Paddle Inference: oneDNN on CPU, CUDA on GPU.
 
@@ -128,25 +83,3 @@ class PaddleInferenceSegmenter(ExportedSegmenter):
         self.input.copy_from_cpu(batch)
         self.predictor.run()
         return self.output.copy_to_cpu()
-
-
-# What each backend runs, and the formats of deploy.yaml it reads.
-BACKEND_FORMATS = {'paddle': ('paddle',), 'onnxruntime': ('onnx',), 'openvino': ('openvino', 'onnx')}
-DEFAULT_BACKEND = {'paddle': 'paddle', 'onnx': 'onnxruntime', 'openvino': 'openvino'}
-
-
-def load_exported(deploy_path, backend=None, device='cpu', precision='fp32', cpu_threads=None):
-    """The exported model in ``deploy_path`` as a Segmenter, in ``backend`` (by default the one its
-    format is made for: paddle -> Paddle Inference, onnx -> ONNX Runtime, openvino -> OpenVINO)."""
-    deploy_format = read_deploy_config(deploy_path)['format']
-    backend = backend or DEFAULT_BACKEND.get(deploy_format)
-    if backend not in BACKEND_FORMATS:
-        raise InvalidInput(f"backend must be one of {', '.join(BACKEND_FORMATS)}, got '{backend}'")
-    if deploy_format not in BACKEND_FORMATS[backend]:
-        raise InvalidInput(f"{deploy_path} holds a {deploy_format} model, which {backend} does not run; "
-                         f"use --backend {DEFAULT_BACKEND[deploy_format]}")
-    if backend == 'paddle':
-        return PaddleInferenceSegmenter(deploy_path, device=device, precision=precision, cpu_threads=cpu_threads)
-    from emanet.deploy.runtimes import OnnxRuntimeSegmenter, OpenVINOSegmenter
-    runtime = OnnxRuntimeSegmenter if backend == 'onnxruntime' else OpenVINOSegmenter
-    return runtime(deploy_path, device=device, precision=precision, cpu_threads=cpu_threads)
