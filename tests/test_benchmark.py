@@ -9,6 +9,7 @@ import sys
 
 import paddle
 import paddle.nn as nn
+import pytest
 from paddle.base import core
 
 import benchmark  # tools/benchmark.py
@@ -23,6 +24,7 @@ from emanet.engine.evaluate import evaluate
 from emanet.engine.inference import ModelSegmenter
 from emanet.models import EMAU
 
+@pytest.mark.slow
 def test_benchmark_tool_reports_every_variant(tmp_path):
     out = tmp_path / 'bench.json'
     command = [sys.executable, os.path.join(TOOLS, 'benchmark.py'), '--backbone', 'ResNet18_vd',
@@ -91,6 +93,7 @@ def test_benchmark_tool_reports_every_variant(tmp_path):
     assert 'Command: python tools/benchmark.py --backbone ResNet18_vd' in report
 
 
+@pytest.mark.slow
 def test_rounds_add_runs_and_the_median_is_over_all_of_them(tmp_path):
     out = tmp_path / 'bench.json'
     skip = ','.join(PARTS)  # all but (a), which is always measured
@@ -132,6 +135,7 @@ def test_count_macs_adds_conv_layers_and_the_em_unit():
     assert macs['params'] == sum(p.size for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_quickstart_rows_score_the_exported_model_as_the_dygraph_model_scores(tiny_config, tmp_path):
     config = tiny_config()
     cfg = load_config(config, opts=['model.backbone.pretrained=None'])

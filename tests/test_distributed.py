@@ -13,6 +13,7 @@ import sys
 import tarfile
 
 import numpy as np
+import pytest
 import paddle
 from paddleseg.models.backbones import ResNet18_vd
 
@@ -20,6 +21,8 @@ from conftest import TOOLS, Handler, street_scenes_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BACKBONE_URL_PATH = '/backbones/ResNet18_vd_ssld.tar.gz'
+
+pytestmark = pytest.mark.slow  # multi-process launches
 
 
 

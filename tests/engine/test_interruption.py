@@ -26,6 +26,7 @@ def train_command(cfg, save_dir):
             '--save_interval', '2', '--seed', '11', '--save_dir', str(save_dir)]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_ends_bitwise_equal_to_an_uninterrupted_run(tiny_config, tmp_path):
     # Both runs are fresh processes: the thread count of the math library, which an earlier
     # test in this process may have changed, decides the order of float sums.
