@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny generic dataset and a config writer (no downloads, a few seconds to train)."""
 import http.server
+import importlib
+import logging
 import os
 import sys
 import textwrap
@@ -13,6 +15,26 @@ import pytest
 TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools')
 # The tools' shared modules (cli.py, benchmarking.py) are imported by the tests as the tools import them.
 sys.path.insert(0, TOOLS)
+
+
+def run_tool_in_process(name, *args):
+    """What tools/<name>'s main logs, one line per record as the tool prints it, when it runs in this process.
+
+    For tests of what a tool computes or writes; a test of the process itself (exit code, the one-line
+    error, what reaches stdout and stderr) starts one.
+    """
+    tool = importlib.import_module(name[:-len('.py')] if name.endswith('.py') else name)
+    lines = []
+    handler = logging.Handler()
+    handler.setFormatter(logging.Formatter('[%(levelname)s] %(message)s'))
+    handler.emit = lambda record: lines.append(handler.format(record))
+    package_logger = logging.getLogger('emanet')
+    package_logger.addHandler(handler)
+    try:
+        tool.main(tool.parse_args([str(arg) for arg in args]))
+    finally:
+        package_logger.removeHandler(handler)
+    return '\n'.join(lines) + '\n'
 
 
 def _onnx_export_missing():

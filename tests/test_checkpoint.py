@@ -482,6 +482,34 @@ def test_a_save_that_fails_midway_leaves_the_previous_file_and_nothing_else(tmp_
     assert os.listdir(tmp_path / 'sub') == [name]
 
 
+class Crash(BaseException):
+    """The process ending at that line (power lost, SIGKILL)."""
+
+
+@pytest.mark.parametrize('name', ['model.pdparams', 'model.safetensors'])
+def test_a_crash_once_the_new_file_is_written_leaves_the_previous_file_whole(tmp_path, monkeypatch, name):
+    path = str(tmp_path / name)
+    save_state({'w': paddle.zeros([4])}, path)
+    before = open(path, 'rb').read()
+    writes = []
+    real_open = builtins.open
+
+    def open_(file, mode='r', *args, **kwargs):
+        if 'w' in mode:
+            writes.append(os.fspath(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    def crash(*args):
+        raise Crash
+    monkeypatch.setattr(builtins, 'open', open_)
+    monkeypatch.setattr(os, 'replace', crash)
+    monkeypatch.setattr(os, 'rename', crash)
+    with pytest.raises(Crash):
+        save_state({'w': paddle.ones([10_000])}, path)
+    assert writes, 'the new file was not written'
+    assert open(path, 'rb').read() == before
+
+
 @pytest.mark.parametrize('name', ['model.pdparams', 'model.safetensors'])
 def test_a_save_is_on_disk_before_it_takes_the_name(tmp_path, monkeypatch, name):
     """fsync of the complete file, then the rename, then fsync of the folder that holds the name."""

@@ -1,8 +1,9 @@
 """The published recipes' way of running: several processes under paddle.distributed.launch (gloo on CPU).
 
 From an empty weights cache and an empty data root, two processes download the backbone once (from
-a file server on 127.0.0.1), draw the scenes once, train to identical weights, and evaluate shards
-whose summed confusion matrix equals a single process's evaluation of the same checkpoint.
+a file server on 127.0.0.1), draw the scenes once, train to identical weights (EM bases and BatchNorm
+statistics too), save each checkpoint once, and evaluate shards whose summed confusion matrix equals
+a single process's evaluation of the same checkpoint.
 """
 import io
 import json
@@ -12,6 +13,7 @@ import sys
 import tarfile
 
 import numpy as np
+import pytest
 import paddle
 from paddleseg.models.backbones import ResNet18_vd
 
@@ -19,6 +21,8 @@ from conftest import TOOLS, Handler, street_scenes_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BACKBONE_URL_PATH = '/backbones/ResNet18_vd_ssld.tar.gz'
+
+pytestmark = pytest.mark.slow  # multi-process launches
 
 
 
@@ -72,14 +76,19 @@ def test_two_processes_from_an_empty_cache_train_alike_and_evaluate_as_one(serve
     assert Handler.hits == [BACKBONE_URL_PATH]
     assert sum('drawing street scenes' in log for log in logs.values()) == 1
     assert sum('Loaded 115/115 weights of ResNet_vd' in log for log in logs.values()) == 2
-    # Identical weights, EM bases and BatchNorm statistics on both ranks.
-    ranks = [np.load(tmp_path / f'rank{rank}.npz') for rank in range(2)]
-    assert any(key.endswith('_mean') for key in ranks[0].files)
-    for key in ranks[0].files:
+    # Identical weights, EM bases and (averaged at each save) BatchNorm statistics on both ranks.
+    ranks = [np.load(tmp_path / f'rank{rank}.npz', allow_pickle=True) for rank in range(2)]
+    state = [key for key in ranks[0].files if key != 'renamed']
+    assert 'head.emau.mu' in state and 'head.bottleneck._batch_norm._variance' in state
+    for key in state:
         np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
+    # Process 0 alone writes the checkpoints (both write the config, which is the same).
+    assert sorted(os.listdir(tmp_path / 'out')) == ['best_model', 'config.yml', 'iter_2', 'iter_4']
+    assert set(ranks[0]['renamed']) >= {'iter_2', 'iter_4', 'best_model'}
+    assert list(ranks[1]['renamed']) == ['config.yml']
     # Rank 0's checkpoint is that model.
     saved = paddle.load(str(tmp_path / 'out' / 'iter_4' / 'model.pdparams'))
-    for key in ranks[0].files:
+    for key in state:
         np.testing.assert_array_equal(saved[key].numpy(), ranks[0][key], err_msg=key)
 
     # The evaluation during training (each rank half the images) equals one process's val.py.

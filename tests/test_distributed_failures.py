@@ -16,6 +16,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import paddle
 
 from conftest import CONFIG, TOOLS
@@ -26,6 +27,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BOUND_SECONDS = 60
 # Signs of an ending that is not one sentence: a Python traceback, Paddle's report of a fatal signal.
 UNCLEAN = ('Traceback', 'FatalError', 'terminate called')
+
+pytestmark = pytest.mark.slow  # multi-process launches
 
 
 def dataset_copy(tiny_dataset, tmp_path, iters=4, decay_steps=None):

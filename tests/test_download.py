@@ -93,6 +93,7 @@ def test_an_archive_is_unpacked_to_its_pdparams(server, tmp_path, monkeypatch):
     assert open(local, 'rb').read() == payload
 
 
+@pytest.mark.slow
 def test_processes_starting_together_download_and_unpack_once(server, tmp_path):
     payload = pdparams_bytes(tmp_path)
     Handler.files['/backbone.tar.gz'] = tar_gz_bytes('ResNet18_vd_pretrained/model.pdparams', payload)

@@ -1,25 +1,22 @@
-"""train -> val (flip, multi-scale, sliding window) -> predict, through the tools, on a Cityscapes-layout set."""
+"""train -> val (flip, multi-scale, sliding window) -> predict, through the tools, on a Cityscapes-layout set.
+
+The tools' main functions run in this process (what they compute and write is the subject here;
+tests/test_tools.py and tests/test_cli.py start processes to check what a user sees of one).
+"""
 import json
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TOOLS, needs_onnx_export, needs_openvino, street_scenes_config
+from conftest import needs_onnx_export, needs_openvino, run_tool_in_process as run_tool, street_scenes_config
 from cityscapes_eval import official_miou
 
 EVAL_LINE = re.compile(r'\[EVAL\] #Images: 3 mIoU: (0\.\d{4}) Acc: 0\.\d{4} Kappa: -?\d\.\d{4} Dice: 0\.\d{4}')
 
-
-def run_tool(name, *args):
-    result = subprocess.run([sys.executable, os.path.join(TOOLS, name), *map(str, args)],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result.stdout
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope='module')
@@ -36,13 +33,23 @@ def trained(tmp_path_factory):
             'work': work}
 
 
+def confusion_matrix(trained, name, *flags):
+    """The confusion matrix val.py saves for the trained model with these test-time flags, and its log."""
+    metrics_file = trained['work'] / f'{name}.json'
+    out = run_tool('val.py', '--config', trained['config'], '--model_path', trained['model'],
+                   '--save_json', metrics_file, *flags)
+    return json.loads(metrics_file.read_text())['confusion_matrix'], out
+
+
 def test_val_with_flip_and_scales_and_with_sliding_window(trained):
-    out = run_tool('val.py', '--config', trained['config'], '--model_path', trained['model'],
-                   '--aug_eval', '--scales', 0.75, 1.0, '--flip_horizontal')
+    plain, _ = confusion_matrix(trained, 'plain')
+    augmented, out = confusion_matrix(trained, 'augmented', '--aug_eval', '--scales', 0.75, 1.0, '--flip_horizontal')
     assert EVAL_LINE.search(out)
-    out = run_tool('val.py', '--config', trained['config'], '--model_path', trained['model'],
-                   '--is_slide', '--crop_size', 64, 64, '--stride', 48, 48)
+    slid, out = confusion_matrix(trained, 'slid', '--is_slide', '--crop_size', 64, 64, '--stride', 48, 48)
     assert EVAL_LINE.search(out)
+    # The flags change the labels (the same pixels, counted otherwise): they were applied.
+    assert np.sum(augmented) == np.sum(slid) == np.sum(plain)
+    assert augmented != plain and slid != plain and augmented != slid
     assert re.search(r'^\s*0\s+road\s+\d\.\d{4}\s+', out, re.M)  # the per-class table names classes
     # Only 7 of the 19 classes are drawn: classes neither labelled nor predicted are marked, not NaN.
     assert 'nan' not in out and re.search(r'^\s*\d+\s+\w.*\s-\s+-\s+-\s+absent$', out, re.M)

@@ -20,6 +20,8 @@ NOISE = ('ccache', 'will be trained from scratch', 'Add the `', 'Use the followi
 TRAIN_LINE = re.compile(r'\[TRAIN\] epoch: \d+, iter: (\d+)/(\d+), loss: .* \| ETA \d+:\d\d:\d\d$', re.M)
 EVAL_LINE = re.compile(r'^.*\[EVAL\] #Images: 2 mIoU: .*$', re.M)
 
+pytestmark = pytest.mark.slow  # a process per tool run
+
 
 def run_tool(name, *args):
     """stdout and stderr of tools/<name>, which must succeed."""

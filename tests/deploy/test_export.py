@@ -146,6 +146,7 @@ def run_tool(name, *args, cwd):
     return result
 
 
+@pytest.mark.slow
 def test_export_and_infer_tools_end_to_end(tiny_config, tiny_dataset, tmp_path, images):
     config = tiny_config()
     paddle.seed(0)

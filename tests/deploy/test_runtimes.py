@@ -50,6 +50,7 @@ def exports(model, images, tmp_path_factory):
 @pytest.mark.parametrize('folder, backend, runtime', [('onnx', None, OnnxRuntimeSegmenter),
                                                       ('onnx', 'openvino', OpenVINOSegmenter),
                                                       ('openvino', None, OpenVINOSegmenter)])
+@pytest.mark.slow
 def test_fp32_exports_label_every_image_as_the_dygraph_model(exports, model, images, folder, backend, runtime):
     segmenter = load_exported(exports[folder], backend=backend)
     assert type(segmenter) is runtime
@@ -61,6 +62,7 @@ def test_fp32_exports_label_every_image_as_the_dygraph_model(exports, model, ima
     assert exports[folder + '_agreement'] == 1.0  # what the export's own check measured
 
 
+@pytest.mark.slow
 def test_int8_agrees_with_the_dygraph_model_on_most_pixels(exports, model, images):
     segmenter = load_exported(exports['openvino_int8'])
     assert segmenter.deploy['quantization'] == 'int8'
@@ -69,12 +71,14 @@ def test_int8_agrees_with_the_dygraph_model_on_most_pixels(exports, model, image
     assert exports['openvino_int8_agreement'] >= 0.9
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(bf16_kind() != 'native', reason='the CPU has no bf16')
 def test_openvino_bf16_stays_close_to_fp32(exports, images):
     fp32, bf16 = load_exported(exports['openvino']), load_exported(exports['openvino'], precision='bf16')
     assert np.mean([np.mean(bf16.predict(image) == fp32.predict(image)) for image in images]) >= 0.95
 
 
+@pytest.mark.slow
 def test_a_runtime_that_cannot_read_a_format_is_one_clear_error(exports):
     with pytest.raises(ValueError, match='holds a openvino model, which onnxruntime does not run'):
         load_exported(exports['openvino'], backend='onnxruntime')

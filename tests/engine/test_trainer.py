@@ -1,4 +1,4 @@
-"""The training loop: checkpoints, exact resume, divergence, precision, data parallelism."""
+"""The training loop: checkpoints, exact resume, divergence, precision (data parallelism: tests/test_distributed.py)."""
 import json
 import os
 import subprocess
@@ -15,8 +15,6 @@ from emanet.config import load_config
 from emanet.engine.checkpointer import Checkpointer
 from emanet.engine.hooks import default_hooks
 from emanet.engine.trainer import TrainingDiverged, train
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def weights_and_optimizer(folder):
@@ -99,23 +97,6 @@ def test_mixed_precision_on_cpu_is_refused_in_one_sentence(tiny_config, tmp_path
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: --precision {precision} needs a GPU: Paddle's automatic mixed precision does "
         "nothing on CPU, use --precision fp32 there")
-
-
-def test_two_processes_end_with_identical_weights_bases_and_batch_norm_statistics_and_save_once(tiny_config, tmp_path):
-    cfg = tiny_config()
-    cmd = [sys.executable, '-m', 'paddle.distributed.launch', '--nproc_per_node', '2',
-           '--log_dir', str(tmp_path / 'log'), os.path.join(HERE, 'dist_train_worker.py'),
-           cfg, str(tmp_path / 'out'), str(tmp_path)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    logs = ''.join(p.read_text() for p in (tmp_path / 'log').glob('workerlog.*'))
-    assert result.returncode == 0, logs[-3000:]
-    ranks = [np.load(tmp_path / f'rank{r}.npz', allow_pickle=True) for r in range(2)]
-    state = [k for k in ranks[0].files if k != 'writers']
-    assert 'head.emau.mu' in state and 'head.bottleneck._batch_norm._variance' in state
-    for key in state:  # parameters, EM bases and (averaged at each save) BatchNorm statistics
-        np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
-    assert len(ranks[0]['writers']) == 2 and len(ranks[1]['writers']) == 0
-    assert sorted(os.listdir(tmp_path / 'out')) == ['iter_4', 'iter_6']
 
 
 def test_evaluation_keeps_the_best_model_and_visualdl_gets_the_scalars(tiny_config, tmp_path):

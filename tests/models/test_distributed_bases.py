@@ -4,8 +4,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 WORKER = os.path.join(os.path.dirname(__file__), 'dist_bases_worker.py')
+
+pytestmark = pytest.mark.slow  # multi-process launches
 
 
 def test_two_ranks_hold_identical_bases_from_the_global_batch(tmp_path):
