@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools')
-# The tools' shared modules (cli.py, benchmarking.py) are imported by the tests as the tools import them.
+# The tools' shared modules (cli.py, perf/) are imported by the tests as the tools import them.
 sys.path.insert(0, TOOLS)
 
 

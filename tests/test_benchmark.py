@@ -13,7 +13,10 @@ import pytest
 from paddle.base import core
 
 import benchmark  # tools/benchmark.py
-from benchmarking import PARTS, ROWS, count_macs, em_unit_macs, evaluate_quickstart  # tools/benchmarking.py
+from perf.macs import count_macs, em_unit_macs  # tools/perf/: the parts of tools/benchmark.py
+from perf.quickstart import evaluate_quickstart
+from perf.report import ROWS
+from perf.run import PARTS
 from conftest import ONNX_EXPORT_MISSING, OPENVINO_MISSING, TOOLS
 
 # The benchmark's ONNX Runtime and OpenVINO rows need both.

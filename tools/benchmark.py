@@ -5,9 +5,11 @@ import os
 import shlex
 import sys
 
-from benchmarking import PARTS, format_report, model_spec_for_backbone, model_spec_from_config, run_benchmark
 from cli import add_device_flag, positive_int, run_cli
 from emanet.config import load_config
+from perf.measure import model_spec_for_backbone, model_spec_from_config
+from perf.report import format_report
+from perf.run import PARTS, run_benchmark
 
 
 def parse_args(argv=None):
