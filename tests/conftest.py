@@ -242,3 +242,16 @@ def street_scenes_config(path, root, iters, num_val, size, optimizer='{type: Ada
                                                 backbone=backbone) + textwrap.dedent(extra))
     return path
 
+
+@pytest.fixture
+def log_lines():
+    """The messages the package logs (at INFO and above) during the test."""
+    messages, emanet_logger = [], logging.getLogger('emanet')
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    level = emanet_logger.level
+    emanet_logger.setLevel(logging.INFO)
+    emanet_logger.addHandler(handler)
+    yield messages
+    emanet_logger.removeHandler(handler)
+    emanet_logger.setLevel(level)

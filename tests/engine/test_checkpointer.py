@@ -1,6 +1,5 @@
 """The Checkpointer: keeps the newest N iterations and best_model/, finds the newest complete checkpoint,
 survives a crash in the middle of a save, and resumes a run where it stopped."""
-import logging
 import os
 
 import numpy as np
@@ -9,20 +8,6 @@ import pytest
 
 import emanet.engine.checkpointer as checkpointer
 from emanet.engine.checkpointer import Checkpointer, read_train_state
-
-
-@pytest.fixture
-def log_lines():
-    """The messages the package logs (at INFO and above) during the test."""
-    messages, emanet_logger = [], logging.getLogger('emanet')
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: messages.append(record.getMessage())
-    level = emanet_logger.level
-    emanet_logger.setLevel(logging.INFO)
-    emanet_logger.addHandler(handler)
-    yield messages
-    emanet_logger.removeHandler(handler)
-    emanet_logger.setLevel(level)
 
 
 def training_objects(seed=0):

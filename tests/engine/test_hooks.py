@@ -1,7 +1,6 @@
 """Hooks of the training loop: called at fixed points, in the order given; a hook a user adds sees every
 step and can add to the checkpoint; the built-in ones log the [TRAIN] line and keep best_model/."""
 import json
-import logging
 import os
 import re
 from types import SimpleNamespace
@@ -12,20 +11,6 @@ from emanet.config import load_config
 from emanet.engine.hooks import (AttentionPictures, BestModel, Evaluation, HookBase, TrainLog, VisualDL,
                                  default_hooks)
 from emanet.engine.trainer import train
-
-
-@pytest.fixture
-def log_lines():
-    """The messages the package logs (at INFO and above) during the test."""
-    messages, emanet_logger = [], logging.getLogger('emanet')
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: messages.append(record.getMessage())
-    level = emanet_logger.level
-    emanet_logger.setLevel(logging.INFO)
-    emanet_logger.addHandler(handler)
-    yield messages
-    emanet_logger.removeHandler(handler)
-    emanet_logger.setLevel(level)
 
 
 class Recorder(HookBase):

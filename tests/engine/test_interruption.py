@@ -78,18 +78,6 @@ def test_a_crash_between_writing_a_checkpoint_and_renaming_it_leaves_the_previou
     assert sorted(p for p in os.listdir(out) if not p.endswith('.part')) == ['iter_2', 'iter_4', 'iter_6']
 
 
-@pytest.fixture
-def log_lines():
-    """The messages the package logs during the test."""
-    import logging
-    messages = []
-    handler = logging.Handler()
-    handler.emit = lambda record: messages.append(record.getMessage())
-    logging.getLogger('emanet').addHandler(handler)
-    yield messages
-    logging.getLogger('emanet').removeHandler(handler)
-
-
 def test_resume_latest_with_no_checkpoint_says_it_starts_from_scratch(tiny_config, tmp_path, log_lines):
     trainer.train(load_config(tiny_config(), iters=1), save_dir=str(tmp_path / 'empty'), resume_model='latest', seed=0)
     assert f"--resume_model latest: no checkpoint in {tmp_path / 'empty'}; starting from scratch" in log_lines
