@@ -21,7 +21,8 @@ import tempfile
 
 import paddle
 
-from emanet.deploy.static_graph import DEPLOY_FILE, MODEL_PREFIX, export_model, read_deploy_config, write_deploy_config
+from emanet.deploy.static_graph import (DEPLOY_FILE, MODEL_PREFIX, export_model, read_deploy_config,
+                                        rewrite_deploy_config)
 from emanet.deploy.backends import load_exported
 from emanet.deploy.runtimes import require
 from emanet.engine.evaluate import evaluate
@@ -120,7 +121,7 @@ def to_onnx(paddle_dir, save_dir):
                        enable_onnx_checker=True, optimize_tool='polygraphy')
     if not os.path.isfile(path):  # paddle2onnx logs its errors instead of raising them
         raise RuntimeError(f"paddle2onnx could not convert {deploy['model']} (see the log above)")
-    return _write_deploy(save_dir, deploy, format='onnx', model='model.onnx', params=None)
+    return rewrite_deploy_config(save_dir, deploy, format='onnx', model='model.onnx', params=None)
 
 
 def to_openvino(onnx_dir, save_dir, calibration=None):
@@ -137,15 +138,8 @@ def to_openvino(onnx_dir, save_dir, calibration=None):
         quantization = 'int8'
     os.makedirs(save_dir, exist_ok=True)
     ov.save_model(model, os.path.join(save_dir, 'model.xml'), compress_to_fp16=False)
-    return _write_deploy(save_dir, deploy, format='openvino', model='model.xml', params='model.bin',
+    return rewrite_deploy_config(save_dir, deploy, format='openvino', model='model.xml', params='model.bin',
                          quantization=quantization)
-
-
-def _write_deploy(save_dir, deploy, **changes):
-    """deploy.yaml in ``save_dir``: ``deploy`` (as read, with absolute paths) with ``changes``."""
-    fields = {key: value for key, value in deploy.items() if key not in ('model', 'params')}
-    fields.update(changes)
-    return write_deploy_config(save_dir, {key: value for key, value in fields.items() if value is not None})
 
 
 def preprocessed_images(paths, transforms_cfg):

@@ -179,6 +179,14 @@ def write_deploy_config(save_dir, deploy):
     return path
 
 
+def rewrite_deploy_config(save_dir, deploy, **changes):
+    """save_dir/deploy.yaml: ``deploy`` (as ``read_deploy_config`` gave it, with absolute paths) with ``changes``
+    (new file names among them; a None leaves the key out)."""
+    fields = {key: value for key, value in deploy.items() if key not in ('model', 'params')}
+    fields.update(changes)
+    return write_deploy_config(save_dir, {key: value for key, value in fields.items() if value is not None})
+
+
 def read_deploy_config(path):
     """The ``Deploy`` section of a deploy.yaml (or of the one in folder ``path``), with
     ``model`` and ``params`` turned into paths next to it."""

@@ -86,7 +86,7 @@ def write_model_folder(folder, model_name):
     The model files are renamed to PaddleX's names, ``deploy.yaml`` follows them, and ``inference.yml``
     names the model. The export must label (argmax): PaddleX's predictor takes labels [N, H, W].
     """
-    from emanet.deploy.static_graph import read_deploy_config, write_deploy_config
+    from emanet.deploy.static_graph import read_deploy_config, rewrite_deploy_config
     check_model_name(model_name)
     deploy = read_deploy_config(folder)
     if deploy['output_op'] != 'argmax':
@@ -100,8 +100,7 @@ def write_model_folder(folder, model_name):
     for leftover in os.listdir(folder):  # e.g. model.pdiparams.info, which nothing reads
         if leftover.startswith('model.'):
             os.remove(os.path.join(folder, leftover))
-    fields = {key: value for key, value in deploy.items() if key not in ('model', 'params')}
-    write_deploy_config(folder, dict(fields, paddlex_model_name=model_name, **files))  # still a Paddle model
+    rewrite_deploy_config(folder, deploy, paddlex_model_name=model_name, **files)  # still a Paddle model
     with open(os.path.join(folder, CONFIG_FILE), 'w') as f:
         yaml.safe_dump({'Global': {'model_name': model_name},
                         'Deploy': {'model': files['model'], 'params': files['params'],
