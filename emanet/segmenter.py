@@ -1,11 +1,12 @@
 """The one prediction interface: a ``Segmenter`` turns images into label maps at their own size.
 
-Implementations: ``emanet.engine.inference.ModelSegmenter`` (a dygraph model with its test-time
-options) and ``emanet.deploy.exported.ExportedSegmenter`` (an exported model in Paddle Inference).
-Evaluation (``emanet.engine.evaluate.evaluate``), prediction on files
-(``emanet.engine.predict.predict_images``), the tools and the benchmark take any of them.
+Implementations give ``forward``, one plain pass: ``emanet.engine.inference.ModelSegmenter`` (a dygraph
+model) and ``emanet.deploy.exported.ExportedSegmenter`` (an export in Paddle Inference, ONNX Runtime or
+OpenVINO). Every segmenter runs its ``InferenceOptions`` the same way around it (``emanet.test_time``),
+and a sliding window without flips or scales streams in bounded memory (``emanet.tiles``). Evaluation
+(``emanet.engine.evaluate.evaluate``), prediction on files (``emanet.engine.predict.predict_images``),
+the tools and the benchmark take any of them.
 """
-import dataclasses
 import os
 
 import cv2
@@ -16,46 +17,10 @@ from paddleseg.cvlibs import manager
 from paddleseg.transforms import Compose
 
 from emanet.errors import InvalidInput
+from emanet.test_time import InferenceOptions, augmented_logits
+from emanet.tiles import pixelwise, stream_labels
 
-
-@dataclasses.dataclass(frozen=True)
-class InferenceOptions:
-    """How a dygraph model runs at test time: PaddleSeg's ``test_config``, as one value.
-
-    Flips and scales apply only with ``aug_eval`` (as in PaddleSeg). ``crop_size`` and ``stride``
-    are (width, height) of the sliding window, used with ``is_slide``.
-    """
-    aug_eval: bool = False
-    scales: tuple = (1.0,)
-    flip_horizontal: bool = False
-    flip_vertical: bool = False
-    is_slide: bool = False
-    crop_size: tuple = None
-    stride: tuple = None
-
-    def __post_init__(self):
-        scales = (self.scales,) if isinstance(self.scales, (int, float)) else tuple(self.scales)
-        object.__setattr__(self, 'scales', tuple(float(scale) for scale in scales))
-        for key in ('crop_size', 'stride'):
-            if getattr(self, key) is not None:
-                object.__setattr__(self, key, tuple(int(v) for v in getattr(self, key)))
-
-    @classmethod
-    def from_config(cls, test_config=None, **overrides):
-        """A config's ``test_config`` with command-line overrides (those not None win); unknown keys are refused."""
-        known = [field.name for field in dataclasses.fields(cls)]
-        unknown = [key for key in (test_config or {}) if key not in known]
-        if unknown:
-            raise InvalidInput(f"test_config has unknown key '{unknown[0]}'; known: {', '.join(known)}")
-        values = dict(test_config or {})
-        values.update({key: value for key, value in overrides.items() if value is not None})
-        return cls(**values)
-
-    @property
-    def augmented(self):
-        """Whether anything beyond one plain forward pass runs (flips, scales or sliding windows)."""
-        return self.is_slide or (self.aug_eval and (self.flip_horizontal or self.flip_vertical
-                                                    or self.scales != (1.0,)))
+__all__ = ['InferenceOptions', 'Segmenter', 'build_transforms', 'read_image', 'undo_transforms']
 
 
 def build_transforms(transforms_cfg):
@@ -118,17 +83,24 @@ def read_image(image):
 
 
 class Segmenter:
-    """Label maps from images; subclasses give ``logits`` (or override ``labels``).
+    """Label maps from images; subclasses give ``forward``, the model's one plain pass, and every
+    segmenter runs its ``options`` (flips, scales, sliding windows) the same way around it.
 
     Attributes:
         transforms: PaddleSeg's Compose that prepares one image (the config's val transforms).
+        options (InferenceOptions): the test-time options.
     """
 
     transforms = None
+    options = InferenceOptions()
+
+    def forward(self, images):
+        """Logits [N, C, h, w] (float32 paddle Tensor) of one plain pass over a preprocessed batch [N, 3, h, w]."""
+        raise NotImplementedError
 
     def logits(self, images):
-        """Logits [N, C, h, w] (float32 paddle Tensor) of a preprocessed batch [N, 3, h, w]."""
-        raise NotImplementedError
+        """Logits [N, C, h, w] (float32 paddle Tensor) of a preprocessed batch, with the test-time options."""
+        return augmented_logits(self.forward, images, self.options)
 
     def labels(self, images, trans_info):
         """Label maps [N, H, W] (int32 numpy) of a preprocessed batch, at the size before the transforms."""
@@ -140,7 +112,32 @@ class Segmenter:
         data = self.transforms({'img': read_image(image).astype('float32'), 'trans_info': [], 'gt_fields': []})
         return data['img'], data['trans_info']
 
+    @property
+    def streams(self):
+        """Whether single images run window by window in bounded memory (``emanet.tiles``): a sliding
+        window without flips or scales, and transforms that act pixel by pixel."""
+        return self.options.is_slide and not self.options.flips_or_scales and pixelwise(self.transforms)
+
+    def prepare(self, image):
+        """What ``predict_prepared`` needs of an image path or BGR array, made apart from the model (in
+        another thread, say): (the BGR uint8 image, its model input or None when it streams, trans_info)."""
+        image = read_image(image)
+        if self.streams:
+            return image, None, []
+        model_input, trans_info = self.preprocess(image)
+        return image, model_input, trans_info
+
+    def predict_prepared(self, prepared):
+        """Label map [H, W] of what ``prepare`` gave: uint8 when it streams, else int32."""
+        image, model_input, trans_info = prepared
+        if model_input is None:
+            return stream_labels(image, self._prepare_window, self.forward, self.options.crop_size,
+                                 self.options.stride, self.options.slide_batch)
+        return self.labels(model_input[None], trans_info)[0]
+
     def predict(self, image):
-        """Label map [H, W] (int32) of an image path or a BGR uint8 array, at the image's size."""
-        array, trans_info = self.preprocess(image)
-        return self.labels(array[None], trans_info)[0]
+        """Label map [H, W] of an image path or a BGR uint8 array, at the image's size."""
+        return self.predict_prepared(self.prepare(image))
+
+    def _prepare_window(self, window):
+        return self.transforms({'img': window.astype('float32'), 'trans_info': [], 'gt_fields': []})['img']

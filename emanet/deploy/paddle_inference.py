@@ -68,8 +68,8 @@ class PaddleInferenceSegmenter(ExportedSegmenter):
 
     backend = 'paddle'
 
-    def __init__(self, deploy_path, device='cpu', precision='fp32', cpu_threads=None):
-        super().__init__(deploy_path)
+    def __init__(self, deploy_path, device='cpu', precision='fp32', cpu_threads=None, options=None):
+        super().__init__(deploy_path, options)
         if precision == 'bf16' and self.deploy['model'].endswith('.pdmodel'):
             raise InvalidInput("bf16 needs the model.json export: Paddle 3.3 runs a legacy model.pdmodel in fp32 "
                              "only (export without --legacy_program for bf16)")

@@ -42,16 +42,16 @@ class OnnxRuntimeSegmenter(ExportedSegmenter):
 
     backend = 'onnxruntime'
 
-    def __init__(self, deploy_path, device='cpu', precision='fp32', cpu_threads=None):
-        super().__init__(deploy_path)
+    def __init__(self, deploy_path, device='cpu', precision='fp32', cpu_threads=None, options=None):
+        super().__init__(deploy_path, options)
         _cpu_only(device, self.backend)
         if precision != 'fp32':
             raise InvalidInput(f"ONNX Runtime runs this model in fp32 only, got --precision {precision}; "
                              "for bf16 or int8 use --backend openvino")
         ort = require('onnxruntime', 'ONNX Runtime inference')
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = cpu_threads or default_cpu_threads()
-        self.session = ort.InferenceSession(self.deploy['model'], options, providers=['CPUExecutionProvider'])
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = cpu_threads or default_cpu_threads()
+        self.session = ort.InferenceSession(self.deploy['model'], session_options, providers=['CPUExecutionProvider'])
         self.input_name = self.session.get_inputs()[0].name
 
     def infer(self, batch):
@@ -68,8 +68,8 @@ class OpenVINOSegmenter(ExportedSegmenter):
     backend = 'openvino'
     PRECISION_HINTS = {'fp32': 'f32', 'bf16': 'bf16'}
 
-    def __init__(self, deploy_path, device='cpu', precision='fp32', cpu_threads=None):
-        super().__init__(deploy_path)
+    def __init__(self, deploy_path, device='cpu', precision='fp32', cpu_threads=None, options=None):
+        super().__init__(deploy_path, options)
         _cpu_only(device, self.backend)
         if precision not in self.PRECISION_HINTS:
             raise InvalidInput(f"OpenVINO runs fp32 or bf16 (an int8 export is int8 either way), got '{precision}'")

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from emanet.data.loading import ResumableBatchSampler
-from emanet.engine.inference import _window_starts
+from emanet.test_time import window_starts
 from emanet.engine.metrics import SegMetrics
 from emanet.segmenter import undo_transforms
 
@@ -41,7 +41,7 @@ def run(transforms, image, label=None):
 @given(st.integers(1, 300), st.integers(1, 120), st.integers(1, 120))
 def test_sliding_windows_cover_every_pixel_and_end_at_the_edge(length, window, step):
     step = min(step, window)  # a stride beyond the window is refused before any window runs
-    starts = _window_starts(length, window, step)
+    starts = window_starts(length, window, step)
     covered = np.zeros(length, bool)
     for start in starts:
         covered[start:start + window] = True
