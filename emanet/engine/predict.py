@@ -1,13 +1,23 @@
 """Prediction on image files: the one image loop, for any Segmenter; label maps saved as
-pseudo-colour PNGs and overlays, or as official label ids."""
+pseudo-colour PNGs and overlays, or as official label ids.
+
+Reading and preparing the next image and writing the last one's results run in threads beside the
+model (OpenCV, numpy and PNG encoding release the GIL), with at most ``AHEAD`` images waiting on each
+side, so a folder goes at the model's speed in bounded memory.
+"""
+import collections
+import concurrent.futures
 import os
 
 import cv2
 import numpy as np
-from paddleseg.utils.visualize import get_color_map_list, get_pseudo_color_map, visualize
+from paddleseg.utils.visualize import get_color_map_list, get_pseudo_color_map
 from tqdm import tqdm
 
 from emanet.errors import InvalidInput
+from emanet.tiles import overlay
+
+AHEAD = 2  # images read ahead of the model, and results waiting to be written
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 SAVE_FORMATS = ('pseudo_color', 'cityscapes')
@@ -66,15 +76,25 @@ def color_map(palette=None):
     return get_color_map_list(256)
 
 
-def save_pseudo_color(image_path, label, save_dir, name, colors):
-    """Write ``label`` [H, W] uint8 as save_dir/pseudo_color_prediction/<name>.png and its overlay
-    on the image as save_dir/added_prediction/<name>.jpg (PaddleSeg's folder names)."""
+def save_pseudo_color(image, label, save_dir, name, colors):
+    """Write ``label`` [H, W] uint8 as save_dir/pseudo_color_prediction/<name>.png and its overlay on
+    ``image`` (BGR uint8, blended in place) as save_dir/added_prediction/<name>.jpg (PaddleSeg's
+    folder names and pixels)."""
     mask_path = os.path.join(save_dir, 'pseudo_color_prediction', name + '.png')
     overlay_path = os.path.join(save_dir, 'added_prediction', name + '.jpg')
     os.makedirs(os.path.dirname(mask_path), exist_ok=True)
     os.makedirs(os.path.dirname(overlay_path), exist_ok=True)
     get_pseudo_color_map(label, colors).save(mask_path)
-    cv2.imwrite(overlay_path, visualize(image_path, label, colors, weight=0.6))
+    if not cv2.imwrite(overlay_path, overlay(image, label, colors, weight=0.6)):
+        raise OSError(f"could not write {overlay_path}")
+
+
+def save_label_ids(label, save_dir, name, label_ids):
+    """Write the official ids of ``label`` (train ids) as save_dir/<name>.png, one channel."""
+    path = os.path.join(save_dir, name + '.png')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not cv2.imwrite(path, np.asarray(label_ids, np.uint8)[label]):
+        raise OSError(f"could not write {path}")
 
 
 def predict_images(segmenter, image_path, save_dir, palette=None, save_format='pseudo_color', label_ids=None):
@@ -93,12 +113,34 @@ def predict_images(segmenter, image_path, save_dir, palette=None, save_format='p
                          "dataset has none (it is not Cityscapes): use save_format pseudo_color")
     paths, root = list_images(image_path)
     colors = color_map(palette)
-    for path, name in tqdm(list(zip(paths, output_names(paths, root))), desc='predict', unit='image'):
-        label = segmenter.predict(path).astype(np.uint8)
+
+    def save(image, label, name):
         if save_format == 'cityscapes':
-            label_ids_path = os.path.join(save_dir, name + '.png')
-            os.makedirs(os.path.dirname(label_ids_path), exist_ok=True)
-            cv2.imwrite(label_ids_path, np.asarray(label_ids, np.uint8)[label])
-            continue
-        save_pseudo_color(path, label, save_dir, name, colors)
+            save_label_ids(label, save_dir, name, label_ids)
+        else:
+            save_pseudo_color(image, label, save_dir, name, colors)
+
+    with concurrent.futures.ThreadPoolExecutor(1, 'emanet-read') as reader, \
+            concurrent.futures.ThreadPoolExecutor(1, 'emanet-write') as writer:
+        prepared = _read_ahead(reader, segmenter.prepare, paths)
+        writing = collections.deque()
+        for name, item in tqdm(zip(output_names(paths, root), prepared), total=len(paths), desc='predict',
+                               unit='image'):
+            label = segmenter.predict_prepared(item).astype(np.uint8, copy=False)
+            writing.append(writer.submit(save, item[0], label, name))
+            while len(writing) > AHEAD:
+                writing.popleft().result()  # a failed write stops the loop here
+        for future in writing:
+            future.result()
     return len(paths)
+
+
+def _read_ahead(executor, prepare, paths):
+    """``prepare(path)`` of each path in order, at most ``AHEAD`` running ahead of the consumer."""
+    pending = collections.deque()
+    for path in paths:
+        pending.append(executor.submit(prepare, path))
+        if len(pending) > AHEAD:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()

@@ -7,13 +7,17 @@ import pytest
 
 from emanet.engine.predict import output_names, predict_images
 from emanet.errors import InvalidInput
+from emanet.segmenter import Segmenter, read_image
 
 
-class ConstantSegmenter:
+class ConstantSegmenter(Segmenter):
     """Labels every pixel 1: what the loop does with the result is under test, not the model."""
 
-    def predict(self, path):
-        return np.ones(cv2.imread(path).shape[:2], np.int32)
+    def prepare(self, path):
+        return read_image(path), None, []
+
+    def predict_prepared(self, prepared):
+        return np.ones(prepared[0].shape[:2], np.int32)
 
 
 def test_images_a_list_names_outside_its_folder_are_saved_inside_save_dir(tmp_path):
