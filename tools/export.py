@@ -48,8 +48,10 @@ def parse_args(argv=None):
                         help='least share of equal labels (default 0.9999 for fp32, 0.95 for int8)')
     parser.add_argument('--input_shape', nargs=4, type=int, metavar=('N', 'C', 'H', 'W'),
                         help='fix the input shape; by default any batch size, height and width')
-    parser.add_argument('--output_op', choices=OUTPUT_OPS, default='argmax',
-                        help='appended to the logits: labels (argmax), probabilities (softmax) or none')
+    parser.add_argument('--output_op', choices=OUTPUT_OPS,
+                        help='appended to the logits: nothing (none: the default, which flips, scales and sliding '
+                             'windows need), probabilities (softmax) or labels (argmax: the default of --format '
+                             'paddlex and --legacy_program)')
     parser.add_argument('--opts', nargs='+', default=None, help='config overrides key=value')
     add_verbose_flag(parser)
     return parser.parse_args(argv)

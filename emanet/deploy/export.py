@@ -21,8 +21,9 @@ import tempfile
 
 import paddle
 
-from emanet.deploy.static_graph import (DEPLOY_FILE, MODEL_PREFIX, export_model, read_deploy_config,
-                                        rewrite_deploy_config)
+from emanet.deploy.legacy_program import writes_legacy_program
+from emanet.deploy.static_graph import (DEPLOY_FILE, MODEL_PREFIX, default_output_op, export_model,
+                                        read_deploy_config, rewrite_deploy_config)
 from emanet.deploy.backends import load_exported
 from emanet.deploy.runtimes import require
 from emanet.engine.evaluate import evaluate
@@ -175,12 +176,13 @@ def _check(exported, model, check_images, min_agreement, what, save_dir):
 
 
 def export_checked(model, save_dir, transforms_cfg, check_images, export_format='paddle', input_shape=None,
-                   output_op='argmax', calibration=None, min_agreement=None, val_dataset=None,
+                   output_op=None, calibration=None, min_agreement=None, val_dataset=None,
                    paddlex_name=None, paddlex_onnx=False):
     """Export ``model`` as ``export_format`` into ``save_dir``, then check it against the dygraph model.
 
     Args:
         check_images: preprocessed images [3, h, w] that both models label.
+        output_op: 'none' (logits), 'softmax' or 'argmax'; None: ``static_graph.default_output_op``.
         calibration: preprocessed images for int8 quantization (OpenVINO only); None keeps fp32.
         min_agreement: the least share of equal labels (default: 99.99% fp32, 95% int8).
         val_dataset: with ``calibration``, a labelled dataset on which the int8 model and the fp32
@@ -195,6 +197,7 @@ def export_checked(model, save_dir, transforms_cfg, check_images, export_format=
         raise InvalidInput(f"format must be one of {', '.join(FORMATS)}, got '{export_format}'")
     if calibration is not None and export_format != 'openvino':
         raise InvalidInput("int8 quantization is made for OpenVINO: use --format openvino")
+    output_op = output_op or default_output_op(export_format, legacy=writes_legacy_program())
     if paddlex_onnx and export_format != 'paddlex':
         raise InvalidInput("an ONNX graph inside the PaddleX folder is for --format paddlex; use --format onnx")
     if export_format == 'paddlex':  # its name and output are checked before any work

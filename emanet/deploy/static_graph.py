@@ -120,7 +120,15 @@ def _traceable(model):
             model.train()
 
 
-def export_model(model, save_dir, transforms_cfg, input_shape=None, output_op='argmax'):
+def default_output_op(export_format='paddle', legacy=False):
+    """What an export appends to the logits unless told: nothing ('none'), so that flips, scales and
+    sliding windows can average its logits as they average the dygraph model's; labels ('argmax')
+    where the reader expects them: PaddleX's predictor, and the legacy program that PaddleSeg's
+    deploy/python/infer.py runs without --with_argmax."""
+    return 'argmax' if export_format == 'paddlex' or legacy else 'none'
+
+
+def export_model(model, save_dir, transforms_cfg, input_shape=None, output_op=None):
     """Write ``model`` as a static inference model plus deploy.yaml into ``save_dir``.
 
     Build the model inside ``export_stage()``, as tools/export.py does, so that PaddleSeg layers
@@ -134,17 +142,18 @@ def export_model(model, save_dir, transforms_cfg, input_shape=None, output_op='a
             inference rebuilds them, so images are preprocessed as in evaluation.
         input_shape: [N, 3, H, W] to fix the input size; None accepts any batch size, H and W.
         output_op: 'argmax' (int32 labels [N, H, W]), 'softmax' (probabilities [N, C, H, W])
-            or 'none' (logits [N, C, H, W]).
+            or 'none' (logits [N, C, H, W]); None: ``default_output_op``.
     Returns:
         The path of deploy.yaml.
     """
+    legacy = writes_legacy_program()
+    output_op = output_op or default_output_op(legacy=legacy)
     if output_op not in OUTPUT_OPS:
         raise InvalidInput(f"output_op must be one of {', '.join(OUTPUT_OPS)}, got '{output_op}'")
     shape = [None, 3, None, None] if input_shape is None else [int(v) for v in input_shape]
     if len(shape) != 4 or shape[1] != 3:
         raise InvalidInput(f"input_shape must be N 3 H W, got {' '.join(map(str, input_shape))}")
     os.makedirs(save_dir, exist_ok=True)
-    legacy = writes_legacy_program()
     with _traceable(model), (legacy_operators() if legacy else contextlib.nullcontext()):
         with paddle.no_grad():  # EMANet does not store its number of classes; its logits tell
             num_classes = int(model(paddle.zeros([1, 3, 64, 64]))[0].shape[1])
