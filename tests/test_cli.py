@@ -45,7 +45,8 @@ def test_paddleseg_train_flags_are_accepted_and_each_one_without_effect_is_named
                '--use_ema', '--seed', '--precision', '--amp_level', '--profiler_options', '--data_format',
                '--device', '--repeats', '--opts', '--verbose', '--log_attention', '--save_safetensors']),
     ('val', ['--device', '--precision', '--verbose']),
-    ('predict', ['--device', '--verbose']),
+    ('predict', ['--device', '--verbose', '--is_slide', '--crop_size', '--stride', '--slide_batch']),
+    ('infer', ['--backend', '--precision', '--is_slide', '--crop_size', '--stride', '--slide_batch', '--aug_eval']),
     ('export', ['--verbose', '--legacy_program', '--miou_images']),
     ('visualize', ['--config', '--model_path', '--image_path', '--save_dir', '--top', '--device', '--verbose']),
 ])
@@ -117,3 +118,18 @@ def test_the_tools_tune_the_allocator_on_cpu_and_the_librarys_set_device_does_no
     assert libc.calls == []
     cli.set_device('cpu')
     assert libc.calls == [(device.M_MMAP_THRESHOLD, 1 << 30), (device.M_TRIM_THRESHOLD, (1 << 31) - 1)]
+
+
+def test_a_configs_test_config_is_left_out_with_a_warning_for_an_export_without_logits(tmp_path, log_lines):
+    from emanet.deploy.static_graph import write_deploy_config
+    from emanet.test_time import InferenceOptions
+    flip = InferenceOptions(aug_eval=True, flip_horizontal=True)
+    (tmp_path / 'model.json').write_text('{}')
+    write_deploy_config(str(tmp_path), {'format': 'paddle', 'model': 'model.json', 'transforms': [],
+                                        'output_op': 'argmax'})
+    assert cli.options_for_export(str(tmp_path), flip) == InferenceOptions()
+    assert any('not applied' in line and '--output_op none' in line for line in log_lines)
+    assert cli.options_for_export(str(tmp_path), flip, given=['--flip_horizontal']) == flip  # refused when loaded
+    write_deploy_config(str(tmp_path), {'format': 'paddle', 'model': 'model.json', 'transforms': [],
+                                        'output_op': 'none'})
+    assert cli.options_for_export(str(tmp_path), flip) == flip

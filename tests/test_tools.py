@@ -55,6 +55,7 @@ def logs(minimal):
                            '--save_dir', exported),
         'val': run_tool('val.py', '--config', minimal['config'], '--model_path', minimal['weights']),
         'val_exported': run_tool('val.py', '--config', minimal['with_flip'], '--model_path', exported),
+        'val_flip': run_tool('val.py', '--config', minimal['with_flip'], '--model_path', minimal['weights']),
         'predict': run_tool('predict.py', '--config', minimal['config'], '--model_path', minimal['weights'],
                             '--image_path', minimal['images'] / '8.jpg', '--save_dir', minimal['work'] / 'pred'),
     }
@@ -73,9 +74,10 @@ def test_export_val_and_predict_pass_on_no_notes_of_paddle_or_paddleseg(logs):
         assert 'Loaded 152/152 weights of EMANet from' in logs[tool]
 
 
-def test_val_of_an_exported_model_says_the_test_config_is_not_applied(logs):
-    assert re.search(r"\[WARNING\] Exported model: test_config aug_eval, flip_horizontal not applied",
-                     logs['val_exported'])
+def test_val_of_an_exported_model_with_flip_gives_the_dygraph_models_metrics(logs):
+    exported, dygraph = (EVAL_LINE.search(logs[run]).group(0).split('[EVAL]')[1] for run in ('val_exported', 'val_flip'))
+    assert exported == dygraph and '[WARNING]' not in logs['val_exported']
+    assert exported != EVAL_LINE.search(logs['val']).group(0).split('[EVAL]')[1]  # the flip changed the figures
 
 
 @pytest.fixture(scope='module')

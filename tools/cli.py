@@ -17,9 +17,10 @@ warnings.filterwarnings('ignore', message='No ccache found', module=r'paddle\.ut
 
 from emanet.config import build_model, load_config  # noqa: E402
 from emanet.deploy.backends import BACKEND_FORMATS, load_exported  # noqa: E402
+from emanet.deploy.static_graph import read_deploy_config  # noqa: E402
 from emanet.engine.distributed import stop_together  # noqa: E402
 from emanet.engine.inference import ModelSegmenter  # noqa: E402
-from emanet.errors import InvalidInput, UserError  # noqa: E402
+from emanet.errors import UserError  # noqa: E402
 from emanet.logger import logger, setup_logging  # noqa: E402
 from emanet.device import parse_device, tune_cpu_allocator, use_fast_mkl_on_amd  # noqa: E402
 from emanet.device import set_device as select_device  # noqa: E402
@@ -80,7 +81,7 @@ def add_backend_flag(parser):
 
 
 def add_augment_flags(parser):
-    """Test-time augmentation flags shared by val.py and predict.py (they override test_config)."""
+    """Test-time flags shared by val.py, predict.py and infer.py (they override test_config)."""
     parser.add_argument('--aug_eval', action='store_true', default=None, help='use flips and scales below')
     parser.add_argument('--scales', nargs='+', type=float, help='scales for multi-scale inference, e.g. 0.75 1.0 1.25')
     parser.add_argument('--flip_horizontal', action='store_true', default=None, help='add a left-right flip')
@@ -88,11 +89,13 @@ def add_augment_flags(parser):
     parser.add_argument('--is_slide', action='store_true', default=None, help='sliding-window inference')
     parser.add_argument('--crop_size', nargs=2, type=int, metavar=('W', 'H'), help='sliding window size')
     parser.add_argument('--stride', nargs=2, type=int, metavar=('W', 'H'), help='sliding window stride')
+    parser.add_argument('--slide_batch', type=positive_int, help='sliding windows per model call (default 1)')
 
 
 def augment_flags(args):
     return {key: getattr(args, key) for key in
-            ('aug_eval', 'scales', 'flip_horizontal', 'flip_vertical', 'is_slide', 'crop_size', 'stride')}
+            ('aug_eval', 'scales', 'flip_horizontal', 'flip_vertical', 'is_slide', 'crop_size', 'stride',
+             'slide_batch')}
 
 
 def inference_options(args, cfg):
@@ -123,17 +126,30 @@ def segmenter_from_args(args):
 
 
 def load_segmenter(args, cfg):
-    """What --model_path names, as a Segmenter: a folder written by tools/export.py runs in its runtime
-    (or --backend, in --precision); weights (a file or URL) go into the config's model, run with the
-    test-time options of test_config and the command line."""
+    """What --model_path names, as a Segmenter run with the test-time options of test_config and the command
+    line: a folder written by tools/export.py runs in its runtime (or --backend, in --precision); weights (a
+    file or URL) go into the config's model."""
+    options = inference_options(args, cfg)
     if os.path.isdir(args.model_path):
-        given = [f'--{key}' for key, value in augment_flags(args).items() if value]
-        if given:
-            raise InvalidInput(f"an exported model runs as exported; drop {', '.join(given)}")
+        options = options_for_export(args.model_path, options, given=[
+            f'--{key}' for key, value in augment_flags(args).items() if value])
         return load_exported(args.model_path, backend=getattr(args, 'backend', None), device=args.device,
-                             precision=getattr(args, 'precision', 'fp32'))
+                             precision=getattr(args, 'precision', 'fp32'), options=options)
     model = build_model(cfg, weights=args.model_path)
-    return ModelSegmenter(model, cfg.val_dataset_cfg.get('transforms') or [], inference_options(args, cfg))
+    return ModelSegmenter(model, cfg.val_dataset_cfg.get('transforms') or [], options)
+
+
+def options_for_export(deploy_path, options, given=()):
+    """``options`` for the export in ``deploy_path``. An export without logits cannot average scores: flags
+    that ask for it (``given``) are an error (from ``load_exported``), a config's test_config is left
+    out with a warning, as PaddleSeg's exported models run."""
+    output_op = read_deploy_config(deploy_path)['output_op']
+    if options.augmented and output_op != 'none' and not given:
+        logger.warning("test_config's flips, scales and sliding window are not applied: %s was exported with "
+                       "--output_op %s, which gives no logits to average (export with --output_op none)",
+                       deploy_path, output_op)
+        return InferenceOptions()
+    return options
 
 
 def add_verbose_flag(parser):

@@ -1,11 +1,13 @@
-"""Segment images with an exported model: python tools/infer.py --config DIR/deploy.yaml --image_path IMG_OR_DIR"""
+"""Segment images with an exported model: python tools/infer.py --config DIR/deploy.yaml --image_path IMG_OR_DIR
+[--is_slide --crop_size W H --stride W H] [--aug_eval --flip_horizontal --scales ...]"""
 import argparse
 
-from cli import add_backend_flag, add_device_flag, run_cli
+from cli import add_augment_flags, add_backend_flag, add_device_flag, augment_flags, run_cli
 from emanet.deploy.backends import load_exported
 from emanet.deploy.paddle_inference import PRECISIONS
 from emanet.engine.predict import predict_images
 from emanet.logger import logger
+from emanet.test_time import InferenceOptions
 
 
 def parse_args(argv=None):
@@ -18,12 +20,14 @@ def parse_args(argv=None):
     parser.add_argument('--precision', default='fp32', choices=PRECISIONS,
                         help='bf16 on a CPU that has it (oneDNN, OpenVINO), fp16 on GPU (Paddle Inference)')
     parser.add_argument('--cpu_threads', type=int, default=None, help='math threads on CPU; default every core')
+    add_augment_flags(parser)
     return parser.parse_args(argv)
 
 
 def main(args):
+    options = InferenceOptions.from_config(**augment_flags(args))
     segmenter = load_exported(args.config, backend=args.backend, device=args.device, precision=args.precision,
-                              cpu_threads=args.cpu_threads)
+                              cpu_threads=args.cpu_threads, options=options)
     count = predict_images(segmenter, args.image_path, args.save_dir)
     logger.info("Predicted %d images; masks in %s/pseudo_color_prediction, overlays in %s/added_prediction",
                 count, args.save_dir, args.save_dir)

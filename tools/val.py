@@ -1,15 +1,13 @@
 """Evaluate a model: python tools/val.py --config CFG --model_path PATH_OR_URL [--aug_eval --flip_horizontal ...]
 
---model_path may also be a folder written by tools/export.py: the exported model is then
-evaluated through Paddle Inference (oneDNN on CPU), with --precision fp32 or bf16.
+--model_path may also be a folder written by tools/export.py: the exported model is then evaluated
+in its runtime (--backend, --precision), with the same flips, scales and sliding window.
 """
 import argparse
 
-from cli import add_model_flags, run_cli, segmenter_from_args
+from cli import add_model_flags, inference_options, run_cli, segmenter_from_args
 from emanet.config import Builder
-from emanet.deploy.exported import ExportedSegmenter
 from emanet.engine.evaluate import evaluate
-from emanet.logger import logger
 
 
 def parse_args(argv=None):
@@ -23,11 +21,8 @@ def parse_args(argv=None):
 def main(args):
     cfg, segmenter = segmenter_from_args(args)
     note = None
-    not_applied = [key for key, value in cfg.test_config.items() if value]
-    if isinstance(segmenter, ExportedSegmenter) and not_applied:
-        note = f"exported model: test_config {', '.join(not_applied)} not applied"
-        logger.warning("Exported model: test_config %s not applied; it is evaluated as exported "
-                       "(one scale, no flip, whole image)", ', '.join(not_applied))
+    if inference_options(args, cfg) != segmenter.options:
+        note = f"exported model (output_op {segmenter.output_op}): test_config not applied"
     evaluate(segmenter, Builder(cfg).val_dataset, num_workers=args.num_workers, save_json=args.save_json, note=note)
 
 
