@@ -8,7 +8,8 @@ import pytest
 
 WORKER = os.path.join(os.path.dirname(__file__), 'dist_bases_worker.py')
 
-pytestmark = pytest.mark.slow  # multi-process launches
+# Multi-process launches, one at a time (on one test worker): each already keeps two cores busy.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('launch')]
 
 
 def test_two_ranks_hold_identical_bases_from_the_global_batch(tmp_path):
