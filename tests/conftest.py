@@ -17,15 +17,6 @@ TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, TOOLS)
 
 
-def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (pytest.ini), a test file's tests run in one test process, so that its module-scoped
-    fixtures (a trained model, an export) are made once; a test marked xdist_group('NAME') runs with the
-    others of that name (the multi-process launches, which keep both cores busy, one after the other)."""
-    for item in items:
-        if item.get_closest_marker('xdist_group') is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split('::')[0]))
-
-
 def run_tool_in_process(name, *args):
     """What tools/<name>'s main logs, one line per record as the tool prints it, when it runs in this process.
 

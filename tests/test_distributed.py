@@ -22,8 +22,7 @@ from conftest import TOOLS, Handler, street_scenes_config
 HERE = os.path.dirname(os.path.abspath(__file__))
 BACKBONE_URL_PATH = '/backbones/ResNet18_vd_ssld.tar.gz'
 
-# Multi-process launches, one at a time (on one test worker): each already keeps two cores busy.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('launch')]
+pytestmark = pytest.mark.slow  # multi-process launches
 
 
 

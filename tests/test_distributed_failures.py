@@ -28,8 +28,7 @@ BOUND_SECONDS = 60
 # Signs of an ending that is not one sentence: a Python traceback, Paddle's report of a fatal signal.
 UNCLEAN = ('Traceback', 'FatalError', 'terminate called')
 
-# Multi-process launches, one at a time (on one test worker): each already keeps two cores busy.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('launch')]
+pytestmark = pytest.mark.slow  # multi-process launches
 
 
 def dataset_copy(tiny_dataset, tmp_path, iters=4, decay_steps=None):

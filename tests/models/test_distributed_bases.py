@@ -8,8 +8,7 @@ import pytest
 
 WORKER = os.path.join(os.path.dirname(__file__), 'dist_bases_worker.py')
 
-# Multi-process launches, one at a time (on one test worker): each already keeps two cores busy.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('launch')]
+pytestmark = pytest.mark.slow  # multi-process launches
 
 
 def test_two_ranks_hold_identical_bases_from_the_global_batch(tmp_path):
