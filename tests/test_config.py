@@ -59,6 +59,7 @@ def test_build_model_with_weights_skips_the_backbone_download(tiny_config, tmp_p
     assert model.head.emau.mu.shape == [1, 32, 8]
 
 
+@pytest.mark.slow
 def test_tools_print_one_line_for_a_bad_config(tiny_config, tmp_path):
     result = subprocess.run([sys.executable, os.path.join(TOOLS, 'train.py'), '--config', tiny_config(),
                              '--opts', 'model.num_base=4', '--save_dir', str(tmp_path / 'out')],

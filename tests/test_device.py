@@ -33,6 +33,7 @@ def page_faults(mode):
     return int(result.stdout.split()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(device._glibc() is None, reason='the allocator tuning is glibc-only')
 def test_tuned_allocator_reuses_freed_memory_instead_of_faulting_it_in_again():
     pages = 64 * 2 ** 20 // os.sysconf('SC_PAGE_SIZE')

@@ -144,6 +144,7 @@ def test_our_cityscapes_dataset_reads_it(scenes):
     assert validation[0]['label'].shape == (1, 64, 128)
 
 
+@pytest.mark.slow
 def test_processes_starting_together_draw_the_scenes_once(tmp_path):
     probe = ('import sys; from emanet.data.scene_painter import make_street_scenes; '
              'make_street_scenes(sys.argv[1], num_train=12, num_val=4, size=(64, 32), workers=1)')

@@ -117,6 +117,7 @@ def test_bf16_agrees_with_fp32(exported, images):
         assert (bf16.predict(image) == fp32.predict(image)).mean() >= 0.99
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('output_op', ['softmax', 'none'])
 def test_score_outputs_give_the_same_labels(output_op, tmp_path, images):
     model = tiny_emanet()
@@ -173,6 +174,7 @@ def folder_contents(folder):
     return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob('*')) if path.is_file()}
 
 
+@pytest.mark.slow
 def test_an_export_that_fails_its_check_leaves_the_earlier_export_untouched(tmp_path, images):
     from emanet.deploy.export import ExportCheckError, export_checked, preprocessed_images
     check = preprocessed_images(images, TRANSFORMS)

@@ -16,6 +16,8 @@ from deploy.test_export import NUM_CLASSES, assert_labels_vary, dygraph_label, t
 from emanet.checkpoint import save_state
 from emanet.deploy.backends import load_exported
 
+pytestmark = pytest.mark.slow  # the tool exports in a process of its own
+
 
 @pytest.fixture(scope='module')
 def legacy_export(tiny_dataset, tmp_path_factory):

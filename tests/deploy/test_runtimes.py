@@ -87,6 +87,7 @@ def test_a_runtime_that_cannot_read_a_format_is_one_clear_error(exports):
 
 
 @needs_onnx_export
+@pytest.mark.slow
 def test_a_corrupted_conversion_is_refused_and_removed(model, images, tmp_path, monkeypatch):
     import onnx  # installed with paddle2onnx only
     real_to_onnx = export.to_onnx

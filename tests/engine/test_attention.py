@@ -117,6 +117,7 @@ def test_the_picture_shows_the_image_the_strongest_base_and_the_top_maps():
     assert len(base_colors(64)) == len({tuple(color) for color in base_colors(64)}) == 64
 
 
+@pytest.mark.slow
 def test_the_tool_writes_a_picture_per_image_of_a_folder(tiny_config, tiny_dataset, tmp_path):
     config = tiny_config()
     paddle.seed(0)

@@ -85,6 +85,7 @@ def test_label_values_out_of_range_are_named_in_training_and_evaluation(tiny_con
         evaluate(ModelSegmenter(builder.model), builder.val_dataset)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_for_another_model_is_one_line_from_the_tools(tiny_config, tmp_path):
     import paddle
     bad = tmp_path / 'other.pdparams'
@@ -97,6 +98,7 @@ def test_a_checkpoint_for_another_model_is_one_line_from_the_tools(tiny_config, 
     assert 'shape mismatch: head.cls.1.weight: checkpoint [5, 16, 1, 1] vs model [3, 16, 1, 1]' in last
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('num_workers', ['0', '2'])
 def test_an_rgb_label_ends_the_evaluation_tool_in_one_line_naming_it(tiny_config, tiny_dataset, dataset_copy,
                                                                        tmp_path, num_workers):

@@ -88,6 +88,7 @@ def test_outputs_and_loss_coefficients_must_pair_up(tiny_config, tmp_path):
         train(cfg, save_dir=str(tmp_path / 'out'), seed=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('precision', ['fp16', 'bf16'])
 def test_mixed_precision_on_cpu_is_refused_in_one_sentence(tiny_config, tmp_path, precision):
     result = subprocess.run([sys.executable, os.path.join(TOOLS, 'train.py'), '--config', tiny_config(),

@@ -81,6 +81,7 @@ def agreement(results, folder):
     return equal / sum(labels.size for labels in expected.values())
 
 
+@pytest.mark.slow
 def test_the_folder_holds_what_paddlex_reads_and_runs_in_tools_infer(folder):
     model_dir = folder['model_dir']
     assert sorted(os.listdir(model_dir)) == ['deploy.yaml', 'inference.json'] + ([] if ONNX_MISSING else [
@@ -106,6 +107,7 @@ def test_names_and_transforms_paddlex_cannot_take_are_refused_in_one_sentence():
     assert emanet_paddlex.default_model_name({'backbone': {'type': 'HRNet_W18'}}) == 'EMANet-HRNet_W18'
 
 
+@pytest.mark.slow
 def test_an_export_with_another_models_name_is_refused_before_any_work(folder, tmp_path):
     args = export.parse_args(['--config', str(folder['work'] / 'config.yml'), '--model_path',
                               str(folder['work'] / 'model.pdparams'), '--save_dir', str(tmp_path / 'out'),
@@ -126,6 +128,7 @@ def test_without_paddlex_or_with_another_version_one_sentence_says_what_to_insta
         emanet_paddlex.register()
 
 
+@pytest.mark.slow
 def test_the_tool_writes_the_pipeline_config_and_without_paddlex_says_so_in_one_line(folder, tmp_path):
     tool = [sys.executable, os.path.join(TOOLS, 'paddlex_pipeline.py'), '--model_dir', str(folder['model_dir'])]
     subprocess.run(tool + ['--write_config', str(tmp_path / 'pipeline.yaml')], check=True, timeout=300)
