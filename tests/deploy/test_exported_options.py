@@ -20,6 +20,8 @@ SLIDE = InferenceOptions(is_slide=True, crop_size=(48, 40), stride=(32, 24))
 MS_FLIP_SLIDE = InferenceOptions(aug_eval=True, flip_horizontal=True, scales=(0.75, 1.25), is_slide=True,
                                  crop_size=(48, 40), stride=(32, 24))
 
+pytestmark = pytest.mark.slow  # exports of a whole model
+
 
 @pytest.fixture(scope='module')
 def model():
