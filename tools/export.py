@@ -1,6 +1,6 @@
 """Export for deployment, checked against the dygraph model:
 python tools/export.py --config CFG --model_path PATH --save_dir DIR [--format paddle|onnx|openvino|paddlex]
-[--precision int8] [--legacy_program] [--paddlex_name EMANet-R101] [--paddlex_onnx]"""
+[--precision int8 [--calibration_crop W H]] [--legacy_program] [--paddlex_name EMANet-R101] [--paddlex_onnx]"""
 import argparse
 import copy
 import os
