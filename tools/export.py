@@ -1,6 +1,6 @@
 """Export for deployment, checked against the dygraph model:
 python tools/export.py --config CFG --model_path PATH --save_dir DIR [--format paddle|onnx|openvino|paddlex]
-[--precision int8] [--legacy_program] [--paddlex_name EMANet-R101] [--paddlex_onnx]"""
+[--precision int8 [--calibration_crop W H]] [--legacy_program] [--paddlex_name EMANet-R101] [--paddlex_onnx]"""
 import argparse
 import copy
 import os
@@ -13,7 +13,7 @@ if '--legacy_program' in sys.argv[1:] and os.environ.get('FLAGS_enable_pir_api')
 
 from cli import add_verbose_flag, load_config_from_args, positive_int, run_cli
 from emanet.config import Builder, ConfigError, build_model
-from emanet.deploy.export import FORMATS, export_checked, preprocessed_images
+from emanet.deploy.export import FORMATS, CalibrationImages, export_checked, preprocessed_images, train_crop_size
 from emanet.deploy.static_graph import OUTPUT_OPS, export_stage
 from emanet.engine.predict import list_images
 from emanet.logger import logger
@@ -40,6 +40,10 @@ def parse_args(argv=None):
     parser.add_argument('--calibration_images', type=positive_int, default=32,
                         help='int8: how many images of the training set calibrate the quantization')
     parser.add_argument('--calibration_dir', help="int8: calibrate on this folder's images instead")
+    parser.add_argument('--calibration_crop', nargs=2, type=int, metavar=('W', 'H'),
+                        help="int8: calibrate on crops of this size (default the train transforms' crop_size, "
+                             "e.g. 1024 512 for Cityscapes, or the --input_shape; 0 0 takes whole images), "
+                             "read one at a time")
     parser.add_argument('--miou_images', type=int, default=-1,
                         help='int8: val images on which the int8 and fp32 mIoU are compared (default all; 0 skips)')
     parser.add_argument('--check_images', type=positive_int, default=8,
@@ -64,6 +68,21 @@ def dataset_images(cfg, split, count):
     dataset = getattr(Builder(cfg), f'{split}_dataset')
     step = max(1, len(dataset.file_list) // count)  # spread over the set rather than its first city
     return [files[0] for files in dataset.file_list[::step][:count]]
+
+
+def calibration_crop(args, cfg):
+    """(width, height) of the int8 calibration crops, or None for whole images: --calibration_crop, else the
+    fixed --input_shape, else the crop the model was trained on."""
+    fixed = None if args.input_shape is None else (args.input_shape[3], args.input_shape[2])
+    if args.calibration_crop is not None:
+        asked = None if args.calibration_crop == [0, 0] else tuple(args.calibration_crop)
+        if fixed is not None and asked != fixed:
+            raise ConfigError(f"--calibration_crop {args.calibration_crop[0]} {args.calibration_crop[1]} differs from "
+                              f"the fixed --input_shape, whose W H ({fixed[0]} {fixed[1]}) the crops must have")
+        return asked
+    if fixed is not None:
+        return fixed
+    return train_crop_size((cfg.dic.get('train_dataset') or {}).get('transforms'))
 
 
 def first_images(dataset, count):
@@ -96,7 +115,9 @@ def main(args):
                  else dataset_images(cfg, 'train', args.calibration_images))
         if not paths:
             raise ConfigError(f"{args.config}: int8 calibration needs images: a train_dataset, or --calibration_dir")
-        calibration = preprocessed_images(paths, transforms)
+        calibration = CalibrationImages(paths, transforms, calibration_crop(args, cfg))
+        logger.info("int8: calibrating on %d images%s", len(calibration),
+                    ', whole' if calibration.crop_size is None else ', crops of %dx%d' % calibration.crop_size)
     check_paths = dataset_images(cfg, 'val', args.check_images)
     check_images = preprocessed_images(check_paths, transforms)
     if not check_images:

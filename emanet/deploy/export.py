@@ -3,7 +3,7 @@
 - 'paddle': Paddle's static graph (``export_model``), for Paddle Inference on CPU and GPU;
 - 'onnx': the same graph through paddle2onnx, for ONNX Runtime (and OpenVINO);
 - 'openvino': the ONNX model as OpenVINO IR, in fp32 or int8 (NNCF post-training quantization
-  calibrated on images of the training set);
+  calibrated on training-size crops of training images, ``CalibrationImages``, read one at a time);
 - 'paddlex': the Paddle export as the model folder PaddleX 3 reads (``emanet.integrations.paddlex``).
 
 ``export_checked`` runs the export and the dygraph model on the same images and refuses to
@@ -18,7 +18,9 @@ import os
 import secrets
 import shutil
 import tempfile
+from collections.abc import Sequence
 
+import numpy as np
 import paddle
 
 from emanet.deploy.legacy_program import writes_legacy_program
@@ -127,15 +129,15 @@ def to_onnx(paddle_dir, save_dir):
 
 def to_openvino(onnx_dir, save_dir, calibration=None):
     """Convert the ONNX export in ``onnx_dir`` to OpenVINO IR (model.xml, model.bin) in ``save_dir``;
-    with ``calibration`` (preprocessed images [3, h, w]), quantize it to int8 with NNCF."""
+    with ``calibration`` (a sequence of preprocessed images [3, h, w], such as ``CalibrationImages``,
+    which NNCF reads one at a time), quantize it to int8 with NNCF."""
     deploy = read_deploy_config(onnx_dir)
     ov = require('openvino', 'OpenVINO export')
     model = ov.convert_model(deploy['model'])
     quantization = 'fp32'
     if calibration is not None:
         nncf = require('nncf', 'int8 quantization')
-        model = nncf.quantize(model, nncf.Dataset([image[None] for image in calibration]),
-                              subset_size=len(calibration))
+        model = nncf.quantize(model, nncf.Dataset(calibration, _batch_of_one), subset_size=len(calibration))
         quantization = 'int8'
     os.makedirs(save_dir, exist_ok=True)
     ov.save_model(model, os.path.join(save_dir, 'model.xml'), compress_to_fp16=False)
@@ -143,11 +145,74 @@ def to_openvino(onnx_dir, save_dir, calibration=None):
                          quantization=quantization)
 
 
+def _batch_of_one(image):
+    return image[None]
+
+
 def preprocessed_images(paths, transforms_cfg):
     """Images [3, h, w] float32 prepared by the deploy transforms, one per path."""
     transforms = build_transforms(transforms_cfg)
-    return [transforms({'img': read_image(path).astype('float32'), 'trans_info': [], 'gt_fields': []})['img']
-            for path in paths]
+    return [_preprocess(transforms, path) for path in paths]
+
+
+def _preprocess(transforms, path):
+    return transforms({'img': read_image(path).astype('float32'), 'trans_info': [], 'gt_fields': []})['img']
+
+
+def train_crop_size(train_transforms_cfg):
+    """The (width, height) of the crops a model was trained on: the ``crop_size`` of the train transforms
+    (PaddleSeg's RandomPaddingCrop, RandomCenterCrop, ...), or None where they have none."""
+    for transform in train_transforms_cfg or ():
+        size = transform.get('crop_size')
+        if size is not None:
+            width, height = (size, size) if isinstance(size, int) else size
+            return int(width), int(height)
+    return None
+
+
+class CalibrationImages(Sequence):
+    """Images for int8 calibration, each read and preprocessed (deploy transforms) only when asked for,
+    then cut to ``crop_size``: NNCF holds one at a time, whatever their number and size.
+
+    The model was trained on crops of this size (Cityscapes: 1024x512 out of 2048x1024 images), so
+    their activations span the ranges the quantization must cover; a whole Cityscapes image would take
+    four times the memory and time per image for no other ranges. Image ``i`` is cut at a place drawn
+    from ``RandomState(seed + i)``: the crops spread over the images, the same ones every export.
+    An image smaller than the crop is padded with 0 (after Normalize: the padding colour of training's
+    RandomPaddingCrop); ``crop_size`` None takes whole images.
+
+    Args:
+        paths: image files.
+        transforms_cfg: the deploy (val) transforms, e.g. [{'type': 'Normalize'}].
+        crop_size: (width, height) of the crops, e.g. ``train_crop_size(train transforms)``, or None.
+    """
+
+    def __init__(self, paths, transforms_cfg, crop_size=None, seed=0):
+        self.paths = list(paths)
+        self.transforms = build_transforms(transforms_cfg)
+        if crop_size is not None and (len(crop_size) != 2 or min(crop_size) < 1):
+            raise InvalidInput(f"a calibration crop is width height, both positive; got {crop_size}")
+        self.crop_size = None if crop_size is None else (int(crop_size[0]), int(crop_size[1]))
+        self.seed = seed
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        index = range(len(self.paths))[index]  # IndexError past the end, which ends iteration
+        image = _preprocess(self.transforms, self.paths[index])  # [3, h, w]
+        if self.crop_size is None:
+            return image
+        width, height = self.crop_size
+        rng = np.random.RandomState(self.seed + index)
+        top = rng.randint(max(image.shape[1] - height, 0) + 1)
+        left = rng.randint(max(image.shape[2] - width, 0) + 1)
+        crop = image[:, top:top + height, left:left + width]
+        if crop.shape[1:] == (height, width):
+            return np.ascontiguousarray(crop)
+        padded = np.zeros((image.shape[0], height, width), image.dtype)
+        padded[:, :crop.shape[1], :crop.shape[2]] = crop
+        return padded
 
 
 def label_agreement(exported, model, images):
@@ -183,7 +248,8 @@ def export_checked(model, save_dir, transforms_cfg, check_images, export_format=
     Args:
         check_images: preprocessed images [3, h, w] that both models label.
         output_op: 'none' (logits), 'softmax' or 'argmax'; None: ``static_graph.default_output_op``.
-        calibration: preprocessed images for int8 quantization (OpenVINO only); None keeps fp32.
+        calibration: preprocessed images [3, h, w] for int8 quantization (OpenVINO only), a list or a
+            lazy sequence (``CalibrationImages``); None keeps fp32.
         min_agreement: the least share of equal labels (default: 99.99% fp32, 95% int8).
         val_dataset: with ``calibration``, a labelled dataset on which the int8 model and the fp32
             graph it was quantized from (both in OpenVINO) are evaluated, to report what int8 costs.
