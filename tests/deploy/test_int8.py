@@ -182,8 +182,12 @@ def tool_config(tmp_path_factory):
                                                   (['--input_shape', 1, 3, 40, 56], 'crops of 56x40')])
 def test_export_tool_calibrates_on_the_train_crop_unless_told(tool_config, flags, calibrated_on, monkeypatch):
     import export as export_tool  # tools/export.py
-    seen = []  # what the export would be calibrated on
-    monkeypatch.setattr(export_tool, 'export_checked', lambda *args, calibration, **kwargs: seen.extend(calibration))
+    seen, checked = [], []  # what the export would be calibrated on, and checked on
+
+    def export_checked(model, save_dir, transforms, check_images, calibration, **kwargs):
+        seen.extend(calibration)
+        checked.extend(check_images)
+    monkeypatch.setattr(export_tool, 'export_checked', export_checked)
     config, weights, work = tool_config
     out = run_tool_in_process('export.py', '--config', config, '--model_path', weights, '--save_dir', work / 'out',
                               '--format', 'openvino', '--precision', 'int8', '--calibration_images', 4, *flags)
@@ -191,6 +195,7 @@ def test_export_tool_calibrates_on_the_train_crop_unless_told(tool_config, flags
     sizes = {image.shape[1:] for image in seen}
     expected = {(256, 512)} if calibrated_on == 'whole' else {tuple(map(int, re.findall(r'\d+', calibrated_on)[::-1]))}
     assert sizes == expected
+    assert {image.shape[1:] for image in checked} == expected and len(checked) == 2  # the check's crops too
 
 
 def test_a_calibration_crop_other_than_the_fixed_input_shape_is_refused(tool_config):
