@@ -124,6 +124,7 @@ def street_images(tmp_path_factory):
 
 @needs_onnx_export
 @needs_openvino
+@pytest.mark.slow
 def test_int8_export_calibrated_on_crops_read_one_at_a_time_passes_its_check(street_images, tmp_path):
     model = tiny_emanet()
     crops = HeldCrops(street_images, TRANSFORMS, (256, 128))
