@@ -96,11 +96,27 @@ class _StreamState:
         sums = self.open[:, :, :right - left]
         final_rows = next_top - top
         count = np.outer(self.row_count[top:next_top], self.column_count[left:right])
-        self.labels[top:next_top, left:right] = np.argmax(sums[:, :final_rows] / count, axis=0)
+        scores = sums[:, :final_rows]
+        self.labels[top:next_top, left:right] = first_max_index(scores if (count == 1).all() else scores / count)
         if sums.shape[1] > final_rows:
             if self.next_carry is None:
                 self.next_carry = np.zeros([sums.shape[0], sums.shape[1] - final_rows, self.width], np.float32)
             self.next_carry[:, :, left:right] = sums[:, final_rows:]
+
+
+def first_max_index(scores):
+    """``np.argmax(scores, axis=0)`` of scores [C, h, w] (the first class of the highest score, NaN wins), as
+    uint8 up to 256 classes: the maximum plane by plane, then the lowest class that reaches it. numpy's argmax
+    over the first axis walks C-strided columns, about 3x slower at 19 classes."""
+    best = scores[0].copy()
+    for class_scores in scores[1:]:
+        np.maximum(best, class_scores, out=best)
+    if np.isnan(best).any():
+        return np.argmax(scores, axis=0)
+    index = np.zeros(scores.shape[1:], np.uint8 if scores.shape[0] <= 256 else np.intp)
+    for class_index in range(scores.shape[0] - 1, -1, -1):
+        index[scores[class_index] == best] = class_index
+    return index
 
 
 def overlay(image, labels, colors, weight=0.6, band_rows=256):

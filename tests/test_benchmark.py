@@ -32,7 +32,8 @@ def test_benchmark_tool_reports_every_variant(tmp_path):
     out = tmp_path / 'bench.json'
     command = [sys.executable, os.path.join(TOOLS, 'benchmark.py'), '--backbone', 'ResNet18_vd',
                '--input_size', '128', '64', '--train_size', '64', '32', '--attention_size', '32', '16',
-               '--runs', '2', '--rounds', '1', '--warmup', '0', '--threads', '2', '--json', str(out)]
+               '--runs', '2', '--rounds', '1', '--warmup', '0', '--threads', '2', '--folder_images', '2',
+               '--folder_size', '96', '64', '--large_sizes', '256', '--json', str(out)]
     process = subprocess.run(command, capture_output=True, text=True, cwd=os.path.dirname(TOOLS))
     assert process.returncode == 0, process.stderr[-3000:]
     results = json.loads(out.read_text())
@@ -89,6 +90,24 @@ def test_benchmark_tool_reports_every_variant(tmp_path):
     with open('/proc/cpuinfo') as cpuinfo:
         assert results['machine']['amx'] == ('amx_bf16' in cpuinfo.read())
     assert results['machine']['threads'] == 2
+
+    # A folder end to end against the model alone, and a 256x256 image in 128x64 windows, per runtime.
+    image_runtimes = ['paddle_fp32'] + ([] if RUNTIMES_MISSING else ['openvino_int8'])
+    assert list(results['folders']) == [f'folder_{key}' for key in image_runtimes]
+    assert list(results['large_images']) == [f'large_{key}_256' for key in image_runtimes]
+    for name, folder in results['folders'].items():
+        assert folder['images'] == 2 and len(folder['model_s']) == len(folder['end_to_end_s']) == 2, name
+        assert folder['end_to_end_images_per_s'] == 2 / statistics.median(folder['end_to_end_s']), name
+        assert folder['share_of_model'] == folder['end_to_end_images_per_s'] / folder['model_images_per_s'], name
+        assert (f"| {folder['model_images_per_s']:.3f} | {folder['end_to_end_images_per_s']:.3f} "
+                f"| {folder['share_of_model']:.0%} | {folder['peak_mb']:.0f} |") in report, name
+    for name, large in results['large_images'].items():
+        assert (large['size'], large['reference_size'], large['window']) == ([256, 256], [96, 64], [128, 64]), name
+        assert large['large_s_per_mpx'] == large['large_s'] / (256 * 256 / 1e6), name
+        assert large['peak_mb'] >= large['setup_mb'] > 0, name
+        assert (f"| 256x256 | 128x64 | {large['large_s']:.1f} | {large['large_s_per_mpx']:.3f} "
+                f"| {large['reference_s_per_mpx']:.3f} | {large['s_per_mpx_over_reference']:.2f} "
+                f"| {large['peak_mb']:.0f} |") in report, name
 
     assert '| variant | input | median s | peak MB | working MB | vs PaddleSeg dygraph |' in report
     assert '(2T+1)*N*C*K' in report

@@ -12,7 +12,7 @@ from deploy.test_export import TRANSFORMS, tiny_emanet
 from emanet.engine.inference import ModelSegmenter
 from emanet.errors import InvalidInput
 from emanet.test_time import InferenceOptions
-from emanet.tiles import overlay, stream_labels
+from emanet.tiles import first_max_index, overlay, stream_labels
 
 
 def slide(crop_size, stride, slide_batch=1):
@@ -119,3 +119,10 @@ def test_overlay_blends_band_by_band_as_paddleseg_visualize(tmp_path):
     colors = get_color_map_list(256)
     np.testing.assert_array_equal(overlay(image.copy(), labels, colors, band_rows=64),
                                   visualize(path, labels, colors, weight=0.6))
+
+
+@pytest.mark.parametrize('classes', [1, 19, 300])
+def test_first_max_index_is_numpy_argmax_with_ties_and_nan(classes):
+    scores = np.round(np.random.RandomState(classes).randn(classes, 33, 45)).astype(np.float32)  # many ties
+    scores[classes // 2, 0, :3] = np.nan  # numpy: the first NaN wins
+    np.testing.assert_array_equal(first_max_index(scores), np.argmax(scores, axis=0))

@@ -36,6 +36,12 @@ def parse_args(argv=None):
     parser.add_argument('--quickstart_model', help='model.pdparams trained with --quickstart_config: adds '
                                                    'fp32 vs bf16 labels and mIoU on its val images')
     parser.add_argument('--quickstart_config', default='configs/quickstart.yml')
+    parser.add_argument('--folder_images', type=positive_int, default=8,
+                        help='random images in the folder predicted end to end against the model alone')
+    parser.add_argument('--folder_size', nargs=2, type=int, default=[2048, 1024], metavar=('W', 'H'),
+                        help="the folder's image size, also the reference of the large images")
+    parser.add_argument('--large_sizes', nargs='+', type=positive_int, default=[4096, 16384],
+                        help='sides of square images predicted with a sliding window of --input_size (part "large")')
     parser.add_argument('--seed', type=int, default=0, help='seed of the random weights and inputs')
     parser.add_argument('--json', help='write every number to this file')
     return parser.parse_args(argv)
@@ -55,7 +61,8 @@ def main(args):
                             train_batch=args.train_batch, attention_size=args.attention_size, runs=args.runs,
                             rounds=args.rounds, warmup=args.warmup, threads=args.threads, device=args.device, skip=skip,
                             quickstart_model=args.quickstart_model, quickstart_config=args.quickstart_config,
-                            transforms=transforms, seed=args.seed, command=command)
+                            transforms=transforms, seed=args.seed, command=command, folder_images=args.folder_images,
+                            folder_size=args.folder_size, large_sizes=args.large_sizes)
     print(format_report(results))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -1,6 +1,7 @@
 """Segment images with an exported model: python tools/infer.py --config DIR/deploy.yaml --image_path IMG_OR_DIR
 [--is_slide --crop_size W H --stride W H] [--aug_eval --flip_horizontal --scales ...]"""
 import argparse
+import time
 
 from cli import add_augment_flags, add_backend_flag, add_device_flag, augment_flags, run_cli
 from emanet.deploy.backends import load_exported
@@ -28,9 +29,11 @@ def main(args):
     options = InferenceOptions.from_config(**augment_flags(args))
     segmenter = load_exported(args.config, backend=args.backend, device=args.device, precision=args.precision,
                               cpu_threads=args.cpu_threads, options=options)
+    start = time.perf_counter()
     count = predict_images(segmenter, args.image_path, args.save_dir)
-    logger.info("Predicted %d images; masks in %s/pseudo_color_prediction, overlays in %s/added_prediction",
-                count, args.save_dir, args.save_dir)
+    seconds = time.perf_counter() - start
+    logger.info("Predicted %d images in %.1f s (%.2f images/s); masks in %s/pseudo_color_prediction, overlays in "
+                "%s/added_prediction", count, seconds, count / seconds, args.save_dir, args.save_dir)
 
 
 if __name__ == '__main__':

@@ -26,6 +26,7 @@ from emanet.errors import InvalidInput
 from emanet.models import EMANet, EMAU
 from emanet.models.losses import CrossEntropyLoss
 from emanet.segmenter import InferenceOptions
+from perf.folders import RUNTIMES, folder_speed, large_image_speed, sliding_window
 from perf.macs import NonLocalBlock
 
 
@@ -162,8 +163,8 @@ def measure_inference(spec):
     predictor = load_exported(spec['exports'][spec['export']], backend=spec['backend'], device=spec['device'],
                               precision=spec['precision'], cpu_threads=spec['threads'])
     images = random_images(spec['input_shape'], spec['seed'])
-    result, labels = time_calls(lambda: predictor.run(images), spec['runs'], spec['warmup'], spec['device'])
-    np.save(spec['labels_path'], labels.astype('int32'))
+    result, labels = time_calls(lambda: predictor.labels(images, []), spec['runs'], spec['warmup'], spec['device'])
+    np.save(spec['labels_path'], labels)
     return {spec['name']: result}
 
 def measure_train(spec):
@@ -222,8 +223,30 @@ def measure_attention(spec):
         results[name], _ = time_calls(call, spec['runs'], spec['warmup'], spec['device'], setup_mb=setup_mb)
     return results
 
+def _runtime_segmenter(spec, options=None):
+    _, export, backend = RUNTIMES[spec['runtime_path']]
+    return load_exported(spec['exports'][export], backend=backend, device=spec['device'], cpu_threads=spec['threads'],
+                         options=options)
+
+def measure_folder(spec):
+    """A folder end to end against the model alone (``perf.folders.folder_speed``), one runtime, one process."""
+    segmenter = _runtime_segmenter(spec)
+    setup_mb = current_memory_mb(spec['device'])
+    result = folder_speed(segmenter, spec['folder'], repeats=spec['runs'])
+    return {spec['name']: dict(result, setup_mb=setup_mb, peak_mb=peak_memory_mb(spec['device']))}
+
+def measure_large_image(spec):
+    """A sliding window over a large image after a reference image (``perf.folders.large_image_speed``): the
+    process's peak memory is the large image's."""
+    segmenter = _runtime_segmenter(spec, sliding_window(spec['window']))
+    setup_mb = current_memory_mb(spec['device'])
+    result = large_image_speed(segmenter, spec['image_path'], spec['size'], spec['reference_path'],
+                               spec['reference_size'])
+    return {spec['name']: dict(result, size=spec['size'], reference_size=spec['reference_size'], window=spec['window'],
+                               setup_mb=setup_mb, peak_mb=peak_memory_mb(spec['device']))}
+
 MEASUREMENTS = {'eval': measure_eval, 'inference': measure_inference, 'train': measure_train,
-                'attention': measure_attention}
+                'attention': measure_attention, 'folder': measure_folder, 'large_image': measure_large_image}
 
 def run_worker(spec_path):
     """Entry point of a worker process: run the measurement in ``spec_path``, write {row name: result}."""

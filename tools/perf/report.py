@@ -101,8 +101,9 @@ def format_report(results):
                          f"| {_speedup(result['median_s'], variants['non_local']['median_s'])} |")
     lines.append('')
     lines.append("Median of --runs after --warmup. Peak MB: the process's peak RSS (GPU: allocated memory); "
-                 "working MB: peak minus the memory once model and input were ready. (c) and (d) run Paddle "
-                 "Inference (oneDNN on CPU) to argmax labels; (a) and (b) return logits.")
+                 "working MB: peak minus the memory once model and input were ready. (c) to (h) run the logits export "
+                 "and its argmax to labels; (a) and (b) return logits.")
+    lines += _image_rows(results)
     lines += _findings(results)
     lines.append(f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['threads']} threads used, "
                  f"Paddle {machine['paddle']}, PaddleSeg {machine['paddleseg']}, "
@@ -112,6 +113,35 @@ def format_report(results):
                  f"device {machine['device']}" + (f" ({machine['gpu']})" if 'gpu' in machine else ''))
     lines.append(f"Command: {results['command']}")
     return '\n'.join(lines)
+
+def _runtime_name(row_name):
+    return 'OpenVINO int8' if row_name.endswith('openvino_int8') or '_openvino_int8_' in row_name else \
+        'Paddle Inference fp32'
+
+def _image_rows(results):
+    """The folder table (end to end against the model alone) and the large-image table (sliding window)."""
+    lines = []
+    folders, large = results.get('folders') or {}, results.get('large_images') or {}
+    if folders:
+        lines += ['', 'A folder through tools/infer.py\'s loop (read, prepare, model, argmax, mask PNG and overlay JPEG '
+                      'written) against the model alone (the runtime\'s call on preprocessed inputs), same process:',
+                  '| runtime | images | model images/s | end-to-end images/s | share of model | peak MB |',
+                  '| --- | --- | --- | --- | --- | --- |']
+        for name, result in folders.items():
+            lines.append(f"| {_runtime_name(name)} | {result['images']} | {result['model_images_per_s']:.3f} "
+                         f"| {result['end_to_end_images_per_s']:.3f} | {result['share_of_model']:.0%} "
+                         f"| {result['peak_mb']:.0f} |")
+    if large:
+        lines += ['', 'One image through tools/infer.py\'s loop with a sliding window (streamed), after a '
+                      'folder-sized reference image:',
+                  '| runtime | image | window | s | s per Mpx | reference s per Mpx | ratio | peak MB | working MB |',
+                  '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+        for name, result in large.items():
+            lines.append(f"| {_runtime_name(name)} | {_shape(result['size'])} | {_shape(result['window'])} "
+                         f"| {result['large_s']:.1f} | {result['large_s_per_mpx']:.3f} "
+                         f"| {result['reference_s_per_mpx']:.3f} | {result['s_per_mpx_over_reference']:.2f} "
+                         f"| {result['peak_mb']:.0f} | {result['peak_mb'] - result['setup_mb']:.0f} |")
+    return lines
 
 def _peak_shares(results):
     """Each exported path's multiply-add rate, as a share of what this CPU's cores can do in its precision."""

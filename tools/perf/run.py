@@ -14,6 +14,7 @@ from emanet.deploy.static_graph import export_model, export_stage
 from emanet.device import bf16_kind, cpu_vendor
 from emanet.errors import InvalidInput, Unsupported
 from emanet.logger import logger
+from perf.folders import RUNTIMES, write_image
 from perf.macs import ATTENTION_CHANNELS, NON_LOCAL_INTER_CHANNELS, count_macs, em_unit_macs, non_local_macs
 from perf.measure import build_emanet, machine_info, random_images, run_in_subprocess
 from perf.quickstart import evaluate_quickstart, label_agreement
@@ -21,7 +22,8 @@ from perf.report import ROWS, RUNTIME_ROWS, ratios
 
 
 # Parts a user can leave out with --skip.
-PARTS = ('macs', 'paddleseg', 'inference', 'bf16', 'runtimes', 'flip', 'msflip', 'train', 'em_unit')
+PARTS = ('macs', 'paddleseg', 'inference', 'bf16', 'runtimes', 'flip', 'msflip', 'train', 'em_unit', 'folders',
+         'large')
 
 # Random images the int8 export is calibrated on (latency does not depend on what they show).
 CALIBRATION_IMAGES = 8
@@ -69,6 +71,45 @@ def plan_jobs(skip, device, threads, bf16_supported):
         jobs.append({'name': 'attention', 'kind': 'attention'})
     return jobs, unavailable
 
+def plan_image_jobs(skip, device, work_dir, folder_images, folder_size, large_sizes, window, seed):
+    """The folder and large-image worker processes (run once each, after the rounds), with the images they read
+    (written here, so that no worker's peak memory holds an image's making)."""
+    runtimes = [key for key, (part, _, backend) in RUNTIMES.items()
+                if part not in skip and (backend == 'paddle' or device == 'cpu')]
+    jobs = []
+    if not runtimes:
+        return jobs
+    folder = os.path.join(work_dir, 'folder')
+    reference_path = os.path.join(folder, 'image_00.png')
+    os.makedirs(folder, exist_ok=True)
+    for index in range(folder_images if 'folders' not in skip else 1):
+        write_image(os.path.join(folder, f'image_{index:02d}.png'), folder_size, seed + index)
+    for key in runtimes:
+        if 'folders' not in skip:
+            jobs.append({'name': f'folder_{key}', 'kind': 'folder', 'runtime_path': key, 'folder': folder})
+        if 'large' not in skip:
+            for size in large_sizes:
+                jobs.append({'name': f'large_{key}_{size}', 'kind': 'large_image', 'runtime_path': key,
+                             'image_path': os.path.join(work_dir, f'large_{size}.png'), 'size': [size, size],
+                             'reference_path': reference_path, 'reference_size': list(folder_size),
+                             'window': list(window)})
+    return jobs
+
+def _run_image_jobs(jobs, base, work_dir, seed):
+    """{row name: result} of the folder and large-image jobs; each large image is written before its first job
+    and removed after its last."""
+    measured = {}
+    for index, job in enumerate(jobs):
+        path = job.get('image_path')
+        if path and not os.path.exists(path):
+            write_image(path, job['size'], seed)
+        for name, result in run_in_subprocess(dict(base, **job), work_dir).items():
+            measured[name] = result
+            logger.info("[BENCH] %s: peak %.0f MB", name, result['peak_mb'])
+        if path and all(later.get('image_path') != path for later in jobs[index + 1:]):
+            os.remove(path)
+    return measured
+
 def _convert_for_runtimes(paddle_dir, work_dir, input_shape, seed):
     """The Paddle export as ONNX, OpenVINO fp32 and OpenVINO int8 (calibrated on random images)."""
     exports = {name: os.path.join(work_dir, name) for name in ('onnx', 'openvino', 'openvino_int8')}
@@ -81,7 +122,7 @@ def _convert_for_runtimes(paddle_dir, work_dir, input_shape, seed):
 def run_benchmark(model_spec, input_size=(1024, 512), train_size=(512, 256), train_batch=2,
                   attention_size=(128, 64), runs=3, rounds=3, warmup=1, threads=None, device='cpu', skip=(),
                   quickstart_model=None, quickstart_config='configs/quickstart.yml', transforms=None,
-                  seed=0, command=''):
+                  seed=0, command='', folder_images=8, folder_size=(2048, 1024), large_sizes=(4096, 16384)):
     """Run every measurement and return the results as a JSON-serialisable dict.
 
     Args:
@@ -95,6 +136,9 @@ def run_benchmark(model_spec, input_size=(1024, 512), train_size=(512, 256), tra
         skip: names from ``PARTS`` to leave out.
         quickstart_model: a checkpoint trained with ``quickstart_config``; adds fp32 vs bf16 labels and mIoU.
         transforms: the val transforms stored with the export (they do not affect the timings).
+        folder_images, folder_size: how many random images of (width, height) a folder holds: ``predict_images``
+            over it against the model alone, per runtime (Paddle Inference fp32, OpenVINO int8).
+        large_sizes: sides of the square images a sliding window of ``input_size`` crosses, against one folder image.
     """
     unknown = [part for part in skip if part not in PARTS]
     if unknown:
@@ -132,7 +176,7 @@ def run_benchmark(model_spec, input_size=(1024, 512), train_size=(512, 256), tra
                         results['macs']['total_macs'] / 1e9, 'x'.join(map(str, eval_shape)))
         exports = {'paddle': os.path.join(work_dir, 'export')}
         if 'inference' not in skip or 'runtimes' not in skip:
-            export_model(model, exports['paddle'], transforms or [{'type': 'Normalize'}], output_op='argmax')
+            export_model(model, exports['paddle'], transforms or [{'type': 'Normalize'}], output_op='none')
         if 'runtimes' not in skip and device == 'cpu':
             exports.update(_convert_for_runtimes(exports['paddle'], work_dir, eval_shape, seed))
         attention = {'num_bases': model.head.emau.num_bases, 'stage_num': model.head.emau.stage_num,
@@ -162,6 +206,11 @@ def run_benchmark(model_spec, input_size=(1024, 512), train_size=(512, 256), tra
                                 ROWS[name], result['median_s'], result['peak_mb'])
         measured.update({name: {'label': ROWS[name], 'skipped': reason} for name, reason in unavailable.items()})
         results['variants'] = {name: measured[name] for name in ROWS if name in measured}
+        image_jobs = plan_image_jobs(skip, device, work_dir, folder_images, folder_size, large_sizes, input_size, seed)
+        image_results = _run_image_jobs(image_jobs, dict(base, input_shape=None), work_dir, seed)
+        results['folders'] = {name: result for name, result in image_results.items() if name.startswith('folder_')}
+        results['large_images'] = {name: result for name, result in image_results.items()
+                                   if name.startswith('large_')}
 
         results['labels'] = _compare_labels(work_dir, results['variants'])
         if quickstart_model:
