@@ -3,6 +3,7 @@ and the multiply-add counts it reports."""
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -90,6 +91,11 @@ def test_benchmark_tool_reports_every_variant(tmp_path):
     with open('/proc/cpuinfo') as cpuinfo:
         assert results['machine']['amx'] == ('amx_bf16' in cpuinfo.read())
     assert results['machine']['threads'] == 2
+
+    if not RUNTIMES_MISSING:  # the int8 export's own row: its time and peak memory, measured in its process
+        export = results['int8_export']
+        assert export['seconds'] > 0 and export['images'] == 8 and 100 < export['peak_mb'] < 24000
+        assert re.search(r'int8 export \(NNCF .*8 calibration images .*\): \d+\.\d s, peak \d+ MB', report)
 
     # A folder end to end against the model alone, and a 256x256 image in 128x64 windows, per runtime.
     image_runtimes = ['paddle_fp32'] + ([] if RUNTIMES_MISSING else ['openvino_int8'])

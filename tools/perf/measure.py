@@ -245,8 +245,20 @@ def measure_large_image(spec):
     return {spec['name']: dict(result, size=spec['size'], reference_size=spec['reference_size'], window=spec['window'],
                                setup_mb=setup_mb, peak_mb=peak_memory_mb(spec['device']))}
 
+def measure_int8_export(spec):
+    """The int8 quantization of the ONNX export (NNCF on ``calibration_images`` random images of the eval input,
+    as the benchmark's int8 rows use it): its time and this process's peak memory."""
+    from emanet.deploy.export import to_openvino
+    calibration = [random_images(spec['input_shape'][1:], spec['seed'] + index)
+                   for index in range(spec['calibration_images'])]
+    start = time.perf_counter()
+    to_openvino(spec['exports']['onnx'], spec['exports']['openvino_int8'], calibration)
+    return {spec['name']: {'seconds': time.perf_counter() - start, 'images': len(calibration),
+                           'input_shape': spec['input_shape'], 'peak_mb': peak_memory_mb(spec['device'])}}
+
 MEASUREMENTS = {'eval': measure_eval, 'inference': measure_inference, 'train': measure_train,
-                'attention': measure_attention, 'folder': measure_folder, 'large_image': measure_large_image}
+                'attention': measure_attention, 'folder': measure_folder, 'large_image': measure_large_image,
+                'int8_export': measure_int8_export}
 
 def run_worker(spec_path):
     """Entry point of a worker process: run the measurement in ``spec_path``, write {row name: result}."""

@@ -104,6 +104,7 @@ def format_report(results):
                  "working MB: peak minus the memory once model and input were ready. (c) to (h) run the logits export "
                  "and its argmax to labels; (a) and (b) return logits.")
     lines += _image_rows(results)
+    lines += _int8_export_row(results)
     lines += _findings(results)
     lines.append(f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['threads']} threads used, "
                  f"Paddle {machine['paddle']}, PaddleSeg {machine['paddleseg']}, "
@@ -117,6 +118,15 @@ def format_report(results):
 def _runtime_name(row_name):
     return 'OpenVINO int8' if row_name.endswith('openvino_int8') or '_openvino_int8_' in row_name else \
         'Paddle Inference fp32'
+
+def _int8_export_row(results):
+    """How long the int8 export's quantization took, and its process's peak memory."""
+    export = results.get('int8_export')
+    if not export:
+        return []
+    return ['', f"int8 export (NNCF post-training quantization of the ONNX graph, {export['images']} calibration "
+                f"images {_shape(export['input_shape'])}, in a process of its own): {export['seconds']:.1f} s, "
+                f"peak {export['peak_mb']:.0f} MB"]
 
 def _image_rows(results):
     """The folder table (end to end against the model alone) and the large-image table (sliding window)."""

@@ -16,7 +16,7 @@ from emanet.errors import InvalidInput, Unsupported
 from emanet.logger import logger
 from perf.folders import RUNTIMES, write_image
 from perf.macs import ATTENTION_CHANNELS, NON_LOCAL_INTER_CHANNELS, count_macs, em_unit_macs, non_local_macs
-from perf.measure import build_emanet, machine_info, random_images, run_in_subprocess
+from perf.measure import build_emanet, machine_info, run_in_subprocess
 from perf.quickstart import evaluate_quickstart, label_agreement
 from perf.report import ROWS, RUNTIME_ROWS, ratios
 
@@ -110,14 +110,21 @@ def _run_image_jobs(jobs, base, work_dir, seed):
             os.remove(path)
     return measured
 
-def _convert_for_runtimes(paddle_dir, work_dir, input_shape, seed):
-    """The Paddle export as ONNX, OpenVINO fp32 and OpenVINO int8 (calibrated on random images)."""
+def _convert_for_runtimes(paddle_dir, work_dir):
+    """The Paddle export as ONNX and OpenVINO fp32, and where the int8 export goes (``_quantize_int8`` makes it)."""
     exports = {name: os.path.join(work_dir, name) for name in ('onnx', 'openvino', 'openvino_int8')}
     to_onnx(paddle_dir, exports['onnx'])
     to_openvino(exports['onnx'], exports['openvino'])
-    calibration = [random_images(input_shape[1:], seed + index) for index in range(CALIBRATION_IMAGES)]
-    to_openvino(exports['onnx'], exports['openvino_int8'], calibration)
     return exports
+
+def _quantize_int8(base, input_shape, work_dir):
+    """The OpenVINO int8 export (calibrated on random images), made in a worker process that measures its
+    time and peak memory: {'seconds', 'images', 'input_shape', 'peak_mb'}."""
+    spec = dict(base, name='int8_export', kind='int8_export', input_shape=input_shape,
+                calibration_images=CALIBRATION_IMAGES)
+    result = run_in_subprocess(spec, work_dir)['int8_export']
+    logger.info("[BENCH] int8 export: %.1f s, peak %.0f MB", result['seconds'], result['peak_mb'])
+    return result
 
 def run_benchmark(model_spec, input_size=(1024, 512), train_size=(512, 256), train_batch=2,
                   attention_size=(128, 64), runs=3, rounds=3, warmup=1, threads=None, device='cpu', skip=(),
@@ -178,7 +185,7 @@ def run_benchmark(model_spec, input_size=(1024, 512), train_size=(512, 256), tra
         if 'inference' not in skip or 'runtimes' not in skip:
             export_model(model, exports['paddle'], transforms or [{'type': 'Normalize'}], output_op='none')
         if 'runtimes' not in skip and device == 'cpu':
-            exports.update(_convert_for_runtimes(exports['paddle'], work_dir, eval_shape, seed))
+            exports.update(_convert_for_runtimes(exports['paddle'], work_dir))
         attention = {'num_bases': model.head.emau.num_bases, 'stage_num': model.head.emau.stage_num,
                      'inter_channels': NON_LOCAL_INTER_CHANNELS}
         del model
@@ -188,6 +195,8 @@ def run_benchmark(model_spec, input_size=(1024, 512), train_size=(512, 256), tra
             unavailable.update({name: runtimes_missing for name in RUNTIME_ROWS})
         base = {'device': device, 'threads': threads, 'runs': runs, 'warmup': warmup, 'seed': seed,
                 'model': model_spec, 'weights': weights, 'exports': exports}
+        if 'openvino_int8' in exports:
+            results['int8_export'] = _quantize_int8(base, eval_shape, work_dir)
         shapes = {'eval': eval_shape, 'inference': eval_shape,
                   'train': [train_batch, 3, train_height, train_width], 'attention': attention_shape}
         measured = {}
