@@ -20,7 +20,8 @@ from emanet.errors import InvalidInput
 from emanet.test_time import InferenceOptions, augmented_logits
 from emanet.tiles import pixelwise, stream_labels
 
-__all__ = ['InferenceOptions', 'Segmenter', 'build_transforms', 'read_image', 'undo_transforms']
+__all__ = ['InferenceOptions', 'Segmenter', 'apply_transforms', 'build_transforms', 'read_image',
+           'undo_transforms']
 
 
 def build_transforms(transforms_cfg):
@@ -33,6 +34,12 @@ def build_transforms(transforms_cfg):
             raise InvalidInput(f"unknown transform '{name}'")
         transforms.append(manager.TRANSFORMS[name](**kwargs))
     return Compose(transforms)
+
+
+def apply_transforms(transforms, image):
+    """(input [3, h, w] float32, trans_info) of PaddleSeg's Compose ``transforms`` on one BGR image [H, W, 3]."""
+    data = transforms({'img': image.astype('float32'), 'trans_info': [], 'gt_fields': []})
+    return data['img'], data['trans_info']
 
 
 @paddle.no_grad()
@@ -109,8 +116,7 @@ class Segmenter:
 
     def preprocess(self, image):
         """(input [3, h, w] float32, trans_info) for an image path or a BGR uint8 array [H, W, 3]."""
-        data = self.transforms({'img': read_image(image).astype('float32'), 'trans_info': [], 'gt_fields': []})
-        return data['img'], data['trans_info']
+        return apply_transforms(self.transforms, read_image(image))
 
     @property
     def streams(self):
@@ -140,4 +146,4 @@ class Segmenter:
         return self.predict_prepared(self.prepare(image))
 
     def _prepare_window(self, window):
-        return self.transforms({'img': window.astype('float32'), 'trans_info': [], 'gt_fields': []})['img']
+        return apply_transforms(self.transforms, window)[0]

@@ -31,7 +31,7 @@ from emanet.deploy.runtimes import require
 from emanet.engine.evaluate import evaluate
 from emanet.errors import InvalidInput, UserError
 from emanet.logger import logger
-from emanet.segmenter import build_transforms, read_image
+from emanet.segmenter import apply_transforms, build_transforms, read_image
 
 FORMATS = ('paddle', 'onnx', 'openvino', 'paddlex')
 ONNX_OPSET = 17
@@ -156,7 +156,7 @@ def preprocessed_images(paths, transforms_cfg):
 
 
 def _preprocess(transforms, path):
-    return transforms({'img': read_image(path).astype('float32'), 'trans_info': [], 'gt_fields': []})['img']
+    return apply_transforms(transforms, read_image(path))[0]
 
 
 def train_crop_size(train_transforms_cfg):
