@@ -121,18 +121,21 @@ def server():
     Handler.redirects.clear()
     Handler.endless.clear()
     Handler.delay = 0.0
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    # shutdown() waits for serve_forever's next poll: a short interval spares each test half a second
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={'poll_interval': 0.02}, daemon=True)
     thread.start()
     yield f'http://127.0.0.1:{httpd.server_address[1]}'
     httpd.shutdown()
+    httpd.server_close()
 
 
-def draw_sample(rng, height=64, width=96):
-    """Three classes: background, a vertical band (class 1) and a box (class 2), each with its own tint."""
+def draw_sample(rng, height=32, width=48):
+    """Three classes: background, a vertical band (class 1) and a box (class 2), each with its own tint.
+    Small, because a training step's time grows with the pixels and most tests train a few steps."""
     label = np.zeros((height, width), np.uint8)
-    label[:, rng.randint(40, 60):] = 1
-    top, left = rng.randint(5, 30), rng.randint(5, 30)
-    label[top:top + 20, left:left + 20] = 2
+    label[:, rng.randint(width * 5 // 12, width * 5 // 8):] = 1
+    top, left = rng.randint(2, height // 2), rng.randint(2, height // 2)
+    label[top:top + height // 3, left:left + height // 3] = 2
     tints = np.array([[40, 90, 40], [150, 60, 60], [60, 60, 200]], np.float32)
     image = tints[label] + rng.randn(height, width, 3) * 12
     return np.clip(image, 0, 255).astype(np.uint8), label

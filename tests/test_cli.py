@@ -81,23 +81,29 @@ def test_only_errors_a_user_can_fix_lose_their_traceback(capsys, monkeypatch):
         run_cli(fails_with(ValueError('operands could not be broadcast together')), None)
 
 
-def run_with_cli(code):
-    """stdout of a fresh process that imports tools/cli.py as the tools do, then runs ``code``,
-    started without MKL_DEBUG_CPU_TYPE."""
+@pytest.fixture(scope='module')
+def tool_process():
+    """What a fresh process that imports tools/cli.py as the tools do (started without MKL_DEBUG_CPU_TYPE)
+    shows: MKL_DEBUG_CPU_TYPE after the import, then the stdout of a tool logging one line."""
     env = {key: value for key, value in os.environ.items() if key != device.MKL_CPU_TYPE_VARIABLE}
-    probe = f'import os, sys; sys.path.insert(0, {TOOLS!r}); import cli\n{code}'
-    return subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, env=env, check=True).stdout
+    probe = (f'import os, sys; sys.path.insert(0, {TOOLS!r}); import cli\n'
+             "print('MKL_DEBUG_CPU_TYPE', os.environ.get('MKL_DEBUG_CPU_TYPE'), flush=True)\n"
+             'from emanet.logger import logger\n'
+             "cli.run_cli(lambda args: logger.info('[EVAL] #Images: 2 mIoU: 0.5000'), None)")
+    stdout = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, env=env,
+                            check=True).stdout
+    before, _, tool_stdout = stdout.partition('\n')
+    return {'mkl_cpu_type': before.split('MKL_DEBUG_CPU_TYPE ')[-1], 'stdout': tool_stdout}
 
 
-def test_the_tools_let_mkl_take_its_avx2_path_on_amd_cpus_with_avx2():
+def test_the_tools_let_mkl_take_its_avx2_path_on_amd_cpus_with_avx2(tool_process):
     vendor, flags, _ = device.cpu_info()
     expected = '5' if vendor == 'AuthenticAMD' and 'avx2' in flags else 'None'
-    assert run_with_cli("print(os.environ.get('MKL_DEBUG_CPU_TYPE'))").split()[-1] == expected
+    assert tool_process['mkl_cpu_type'] == expected
 
 
-def test_the_tools_log_lines_go_to_stdout_once_in_paddlesegs_format():
-    stdout = run_with_cli("from emanet.logger import logger\n"
-                          "cli.run_cli(lambda args: logger.info('[EVAL] #Images: 2 mIoU: 0.5000'), None)")
+def test_the_tools_log_lines_go_to_stdout_once_in_paddlesegs_format(tool_process):
+    stdout = tool_process['stdout']
     assert re.fullmatch(r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[INFO\] \[EVAL\] #Images: 2 mIoU: 0\.5000\n', stdout), stdout
 
 

@@ -75,6 +75,12 @@ def test_a_misspelt_key_is_named_before_paddleseg_asks_for_the_key_it_misses(tin
     with pytest.raises(ConfigError) as error:
         load_config(str(path))
     assert str(error.value) == f"{path}: unknown key 'batch_sise' (did you mean 'batch_size'?)"
+
+
+@pytest.mark.slow
+def test_the_training_tool_says_only_that_a_key_is_misspelt(tiny_config, tmp_path):
+    path = tmp_path / 'typo.yml'
+    path.write_text(open(tiny_config()).read().replace('batch_size:', 'batch_sise:'))
     result = subprocess.run([sys.executable, os.path.join(TOOLS, 'train.py'), '--config', str(path),
                              '--save_dir', str(tmp_path / 'out')], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2

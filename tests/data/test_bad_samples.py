@@ -25,7 +25,7 @@ from emanet.engine.inference import ModelSegmenter
 from emanet.engine.trainer import train
 from emanet.errors import InvalidInput
 
-# Samples of the tiny dataset (tests/conftest.py): 0-7 train, 8 and 9 val; all 96x64.
+# Samples of the tiny dataset (tests/conftest.py): 0-7 train, 8 and 9 val; all 48x32.
 VAL_SAMPLE = 9
 # The sample of the first training batch (seed 0), so that a run stops at its first iteration.
 FIRST_TRAIN_SAMPLE = next(iter(ResumableBatchSampler(8, 2, 1, seed=0)))[0][1]
@@ -127,7 +127,7 @@ KINDS = {
     'RGBA label': (rgba_label, r'the label has 4 channels \(RGBA\); labels are single-channel class indices '
                                r'\(a grayscale or palette PNG\)'),
     '16-bit label': (sixteen_bit_label, r'the label is 16-bit \(PIL mode I;16\); labels are 8-bit class indices'),
-    'size mismatch': (small_label, r'the image is 96x64 but its label is 12x10'),
+    'size mismatch': (small_label, r'the image is 48x32 but its label is 12x10'),
     'decompression bomb': (bomb_image, r'declares more than the 178,956,970 pixels PIL will open '
                                        r'\(PIL\.Image\.MAX_IMAGE_PIXELS\); not decoded'),
     'truncated PNG': (truncated_png_label, r'the file is cut short or damaged \(.+\)'),
@@ -190,18 +190,18 @@ def test_training_stops_at_a_bad_sample_naming_it(dataset_copy, tmp_path, kind, 
 
 
 def test_training_images_that_differ_in_size_after_the_transforms_are_named(dataset_copy, tmp_path):
-    """The tiny config has no crop: a wider image (and its label) cannot join a batch of 96x64 ones."""
+    """The tiny config has no crop: a wider image (and its label) cannot join a batch of 48x32 ones."""
     root, config = dataset_copy
     image, label = root / f'{FIRST_TRAIN_SAMPLE}.jpg', root / f'{FIRST_TRAIN_SAMPLE}_label.png'
-    cv2.imwrite(str(image), cv2.resize(cv2.imread(str(image)), (128, 64)))
-    cv2.imwrite(str(label), cv2.resize(cv2.imread(str(label), cv2.IMREAD_GRAYSCALE), (128, 64),
+    cv2.imwrite(str(image), cv2.resize(cv2.imread(str(image)), (64, 32)))
+    cv2.imwrite(str(label), cv2.resize(cv2.imread(str(label), cv2.IMREAD_GRAYSCALE), (64, 32),
                                        interpolation=cv2.INTER_NEAREST))
     with pytest.raises(SampleError) as raised:
         train(load_config(config, iters=4), save_dir=str(tmp_path / 'out'), seed=0)
     message = str(raised.value)
     assert message.startswith('the images of one training batch differ in size after the transforms: ')
-    assert f'{image} is 128x64' in message
-    assert re.search(r'/\d\.jpg is 96x64', message)
+    assert f'{image} is 64x32' in message
+    assert re.search(r'/\d\.jpg is 48x32', message)
     assert message.endswith('; add a crop or a resize to the training transforms')
 
 
@@ -222,13 +222,13 @@ def test_a_palette_label_is_read_as_its_class_indices(dataset_copy):
 
 def test_the_pixel_limit_is_named_and_can_be_set_from_the_environment(dataset_copy, monkeypatch):
     root, config = dataset_copy
-    monkeypatch.setenv(MAX_PIXELS_VARIABLE, '6000')
-    with pytest.raises(SampleError, match=rf'^{re.escape(str(root / "8.jpg"))}: declares 96x64 pixels, more than '
-                                          rf'the 6,000 allowed \({MAX_PIXELS_VARIABLE}\); not decoded$'):
+    monkeypatch.setenv(MAX_PIXELS_VARIABLE, '1500')
+    with pytest.raises(SampleError, match=rf'^{re.escape(str(root / "8.jpg"))}: declares 48x32 pixels, more than '
+                                          rf'the 1,500 allowed \({MAX_PIXELS_VARIABLE}\); not decoded$'):
         load_sample(val_dataset(config), 0)
-    monkeypatch.setenv(MAX_PIXELS_VARIABLE, str(96 * 64))
+    monkeypatch.setenv(MAX_PIXELS_VARIABLE, str(48 * 32))
     image, _, _ = load_sample(val_dataset(config), 0)
-    assert image.shape == (3, 64, 96)
+    assert image.shape == (3, 32, 48)
     monkeypatch.setenv(MAX_PIXELS_VARIABLE, '2e8')
     with pytest.raises(InvalidInput, match=rf"^{MAX_PIXELS_VARIABLE} must be a positive whole number of pixels, "
                                            r"got '2e8'$"):
@@ -253,6 +253,6 @@ def test_an_image_is_compared_to_its_label_as_turned_by_its_exif_orientation(dat
     exif = Image.Exif()
     exif[0x0112] = 6  # the orientation tag: turn 90 degrees clockwise to show
     image.save(path, exif=exif.tobytes())
-    with pytest.raises(SampleError, match=r'8\.jpg \(label .*8_label\.png\): the image is 64x96 as turned by its '
-                                          r'EXIF orientation but its label is 96x64$'):
+    with pytest.raises(SampleError, match=r'8\.jpg \(label .*8_label\.png\): the image is 32x48 as turned by its '
+                                          r'EXIF orientation but its label is 48x32$'):
         load_sample(val_dataset(config), 0)

@@ -66,7 +66,7 @@ def test_a_corrupt_image_mid_run_stops_naming_it_without_hanging(tiny_config, ti
 def test_image_and_label_of_different_size_are_named(tiny_config, tiny_dataset, dataset_copy, tmp_path):
     cv2.imwrite(str(dataset_copy / '2_label.png'), np.zeros((10, 12), np.uint8))
     cfg = load_config(write_config(tiny_config, tiny_dataset, dataset_copy), iters=8)
-    with pytest.raises(SampleError, match=r'2\.jpg \(label .*2_label\.png\): the image is 96x64 but its label is 12x10'):
+    with pytest.raises(SampleError, match=r'2\.jpg \(label .*2_label\.png\): the image is 48x32 but its label is 12x10'):
         train(cfg, save_dir=str(tmp_path / 'out'), seed=0)
 
 

@@ -21,8 +21,12 @@ def build(cls, backbone='ResNet50_vd', num_classes=19, seed=0, **kwargs):
 
 @pytest.mark.parametrize('backbone,num_keys', [('ResNet50_vd', 312), ('ResNet101_vd', 567)])
 def test_state_dict_has_paddleseg_names_and_shapes(backbone, num_keys):
-    ours = {k: list(v.shape) for k, v in build(EMANet, backbone).state_dict().items()}
-    theirs = {k: list(v.shape) for k, v in build(paddleseg.models.EMANet, backbone).state_dict().items()}
+    # Names and shapes only: LazyGuard builds layers without drawing their random weights (PaddleSeg's
+    # EM unit reads its bases' values when built, so its head is built whole).
+    with paddle.LazyGuard():
+        ours = {k: list(v.shape) for k, v in build(EMANet, backbone).state_dict().items()}
+        their_backbone = BACKBONES[backbone](output_stride=8)
+    theirs = {k: list(v.shape) for k, v in paddleseg.models.EMANet(19, their_backbone).state_dict().items()}
     assert ours == theirs
     assert len(ours) == num_keys
     assert ours['head.emau.mu'] == [1, 512, 64]
@@ -76,7 +80,7 @@ def test_checkpoint_for_another_class_count_is_refused_naming_keys(tmp_path):
         load_weights(build(EMANet, 'ResNet18_vd', num_classes=7), path)
 
 
-@pytest.mark.parametrize('backbone', ['ResNet18_vd', 'ResNet34_vd', 'ResNet50_vd', 'ResNet101_vd'])
+@pytest.mark.parametrize('backbone', ['ResNet18_vd', 'ResNet50_vd'])  # both kinds of block: basic, bottleneck
 def test_train_mode_returns_main_and_aux_eval_mode_main_only(backbone):
     model = build(EMANet, backbone, num_classes=4)
     x = paddle.rand([2, 3, 48, 64])
