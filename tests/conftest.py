@@ -29,11 +29,14 @@ def run_tool_in_process(name, *args):
     handler.setFormatter(logging.Formatter('[%(levelname)s] %(message)s'))
     handler.emit = lambda record: lines.append(handler.format(record))
     package_logger = logging.getLogger('emanet')
+    level = package_logger.level
+    package_logger.setLevel(logging.INFO)  # as the tool's own process does (cli.run_cli)
     package_logger.addHandler(handler)
     try:
         tool.main(tool.parse_args([str(arg) for arg in args]))
     finally:
         package_logger.removeHandler(handler)
+        package_logger.setLevel(level)
     return '\n'.join(lines) + '\n'
 
 
@@ -59,11 +62,27 @@ def _openvino_missing():
 
 # Why ONNX and OpenVINO exports cannot be made here (the sentence the export says), or None; the tests
 # of those formats skip with it (paddle2onnx has no wheel for Python 3.13, OpenVINO none that reads
-# this model's graph for 3.9).
-ONNX_EXPORT_MISSING = _onnx_export_missing()
-OPENVINO_MISSING = _openvino_missing()
-needs_onnx_export = pytest.mark.skipif(ONNX_EXPORT_MISSING is not None, reason=ONNX_EXPORT_MISSING or '')
-needs_openvino = pytest.mark.skipif(OPENVINO_MISSING is not None, reason=OPENVINO_MISSING or '')
+# this model's graph for 3.9). Found on first use: the process that hands tests to pytest-xdist's
+# workers loads this file too, and has no need of Paddle.
+_LAZY = {
+    'ONNX_EXPORT_MISSING': _onnx_export_missing,
+    'OPENVINO_MISSING': _openvino_missing,
+    'needs_onnx_export': lambda: _skip_with(__getattr__('ONNX_EXPORT_MISSING')),
+    'needs_openvino': lambda: _skip_with(__getattr__('OPENVINO_MISSING')),
+}
+
+
+def _skip_with(reason):
+    return pytest.mark.skipif(reason is not None, reason=reason or '')
+
+
+def __getattr__(name):
+    if name in globals():  # found already
+        return globals()[name]
+    if name not in _LAZY:
+        raise AttributeError(f"module 'conftest' has no attribute '{name}'")
+    globals()[name] = value = _LAZY[name]()
+    return value
 
 
 class Handler(http.server.BaseHTTPRequestHandler):

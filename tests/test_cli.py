@@ -82,7 +82,7 @@ def test_only_errors_a_user_can_fix_lose_their_traceback(capsys, monkeypatch):
 
 
 @pytest.fixture(scope='module')
-def tool_process():
+def tool_process():  # a tool's process: the tests using it are marked slow
     """What a fresh process that imports tools/cli.py as the tools do (started without MKL_DEBUG_CPU_TYPE)
     shows: MKL_DEBUG_CPU_TYPE after the import, then the stdout of a tool logging one line."""
     env = {key: value for key, value in os.environ.items() if key != device.MKL_CPU_TYPE_VARIABLE}
@@ -96,12 +96,14 @@ def tool_process():
     return {'mkl_cpu_type': before.split('MKL_DEBUG_CPU_TYPE ')[-1], 'stdout': tool_stdout}
 
 
+@pytest.mark.slow
 def test_the_tools_let_mkl_take_its_avx2_path_on_amd_cpus_with_avx2(tool_process):
     vendor, flags, _ = device.cpu_info()
     expected = '5' if vendor == 'AuthenticAMD' and 'avx2' in flags else 'None'
     assert tool_process['mkl_cpu_type'] == expected
 
 
+@pytest.mark.slow
 def test_the_tools_log_lines_go_to_stdout_once_in_paddlesegs_format(tool_process):
     stdout = tool_process['stdout']
     assert re.fullmatch(r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[INFO\] \[EVAL\] #Images: 2 mIoU: 0\.5000\n', stdout), stdout

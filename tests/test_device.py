@@ -106,6 +106,7 @@ def test_each_setting_is_applied_on_its_own(monkeypatch):
     assert device.tune_cpu_allocator(OldGlibc(refuse_trim=True)) == {'mmap_threshold': 32 << 20}
 
 
+@pytest.mark.slow  # a fresh process
 @pytest.mark.skipif(device._glibc() is None, reason='the allocator tuning is glibc-only')
 def test_the_log_line_says_what_was_applied():
     probe = ("from emanet import device; from emanet.logger import setup_logging; "

@@ -34,6 +34,7 @@ print(json.dumps({
     'level': package_logger.level,
     'root_handlers_unchanged': logging.getLogger().handlers == root_handlers,
     'scene_painter_imported': 'emanet.data.scene_painter' in sys.modules,
+    'paddlex_modules': sorted(m for m in sys.modules if m == 'paddlex' or m.startswith(('paddlex.', 'emanet.integrations'))),
     'warning_filters_unchanged': warnings.filters == filters,
 }))
 """
@@ -75,3 +76,8 @@ def test_the_packages_log_records_reach_the_users_logging_config(imported):
 def test_import_does_not_load_the_quick_start_scene_painter(imported):
     found, _ = imported
     assert found['scene_painter_imported'] is False
+
+
+def test_import_loads_neither_paddlex_nor_the_paddlex_integration(imported):
+    found, _ = imported
+    assert found['paddlex_modules'] == []

@@ -28,6 +28,7 @@ print(Collect.records)
 """
 
 
+@pytest.mark.slow  # a fresh process
 def test_records_reach_the_programs_handlers_until_setup_logging_prints_them_itself():
     result = subprocess.run([sys.executable, '-c', PROBE], capture_output=True, text=True, check=True)
     printed, collected = result.stdout.splitlines()

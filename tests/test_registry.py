@@ -80,6 +80,7 @@ def test_an_unknown_type_names_the_closest_of_ours_too(tmp_path):
         builder.load_component_class('StreetScene')
 
 
+@pytest.mark.slow  # a fresh process
 def test_the_builder_says_once_what_it_uses_instead_of_paddlesegs_and_how_to_reach_those(tmp_path):
     path = write_config(tmp_path)
     probe = ("from emanet.config import Builder, load_config; from emanet.logger import setup_logging; "

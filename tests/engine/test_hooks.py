@@ -57,18 +57,19 @@ class EveryStep(HookBase):
 
 def test_a_custom_hook_sees_every_step_and_adds_to_the_checkpoint(tiny_config, tmp_path, log_lines):
     out, hook = tmp_path / 'out', EveryStep()
-    train(load_config(tiny_config(), iters=5), save_dir=str(out), save_interval=2, seed=0,
+    train(load_config(tiny_config(), iters=3), save_dir=str(out), save_interval=2, seed=0,
           hooks=[TrainLog(log_iters=1), hook])
-    assert [iteration for iteration, _ in hook.steps] == [1, 2, 3, 4, 5]
+    assert [iteration for iteration, _ in hook.steps] == [1, 2, 3]
     logged = [float(loss) for loss in re.findall(r'\[TRAIN\] .* loss: ([\d.]+),', '\n'.join(log_lines))]
     assert logged == [round(loss, 4) for _, loss in hook.steps]  # the loss the [TRAIN] line shows
-    saved = {it: json.loads((out / f'iter_{it}' / 'train_state.json').read_text())['steps_seen'] for it in (2, 4, 5)}
-    assert saved == {2: 2, 4: 4, 5: 5}
+    # at each save interval and at the last iteration
+    saved = {it: json.loads((out / f'iter_{it}' / 'train_state.json').read_text())['steps_seen'] for it in (2, 3)}
+    assert saved == {2: 2, 3: 3}
 
     resumed = EveryStep()
-    train(load_config(tiny_config(), iters=5), save_dir=str(out), save_interval=2, resume_model=str(out / 'iter_2'),
+    train(load_config(tiny_config(), iters=3), save_dir=str(out), save_interval=2, resume_model=str(out / 'iter_2'),
           hooks=[resumed])
-    assert [iteration for iteration, _ in resumed.steps] == [3, 4, 5]
+    assert [iteration for iteration, _ in resumed.steps] == [3]
     assert [loss for _, loss in resumed.steps] == [loss for _, loss in hook.steps[2:]]  # exact resume
 
 

@@ -142,14 +142,6 @@ def test_the_tool_writes_the_pipeline_config_and_without_paddlex_says_so_in_one_
             "serving extras)"), result.stderr[-2000:]
 
 
-def test_importing_emanet_imports_neither_paddlex_nor_the_integration():
-    code = ("import sys, emanet; print(sorted(m for m in sys.modules if m == 'paddlex' or m.startswith('paddlex.') "
-            "or m.startswith('emanet.integrations')))")
-    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[-1] == '[]'
-
-
 @needs_paddlex
 def test_create_model_labels_equal_tools_infer(folder):
     import paddlex
