@@ -33,6 +33,20 @@ def trained(tmp_path_factory):
             'work': work}
 
 
+@pytest.fixture(scope='module')
+def dygraph(trained):
+    """What val.py and predict.py give for the trained model without test-time flags (compared against by
+    several tests): the [EVAL] line, the saved metrics, and predict.py's save_dir."""
+    metrics_file = trained['work'] / 'dygraph.json'
+    out = run_tool('val.py', '--config', trained['config'], '--model_path', trained['model'],
+                   '--save_json', metrics_file)
+    predicted = trained['work'] / 'dygraph'
+    run_tool('predict.py', '--config', trained['config'], '--model_path', trained['model'],
+             '--image_path', trained['root'] / 'leftImg8bit' / 'val', '--save_dir', predicted)
+    return {'eval_line': EVAL_LINE.search(out).group(0), 'metrics': json.loads(metrics_file.read_text()),
+            'predicted': predicted, 'masks': sorted((predicted / 'pseudo_color_prediction').rglob('*.png'))}
+
+
 def confusion_matrix(trained, name, *flags):
     """The confusion matrix val.py saves for the trained model with these test-time flags, and its log."""
     metrics_file = trained['work'] / f'{name}.json'
@@ -41,8 +55,8 @@ def confusion_matrix(trained, name, *flags):
     return json.loads(metrics_file.read_text())['confusion_matrix'], out
 
 
-def test_val_with_flip_and_scales_and_with_sliding_window(trained):
-    plain, _ = confusion_matrix(trained, 'plain')
+def test_val_with_flip_and_scales_and_with_sliding_window(trained, dygraph):
+    plain = dygraph['metrics']['confusion_matrix']
     augmented, out = confusion_matrix(trained, 'augmented', '--aug_eval', '--scales', 0.75, 1.0, '--flip_horizontal')
     assert EVAL_LINE.search(out)
     slid, out = confusion_matrix(trained, 'slid', '--is_slide', '--crop_size', 64, 64, '--stride', 48, 48)
@@ -55,11 +69,9 @@ def test_val_with_flip_and_scales_and_with_sliding_window(trained):
     assert 'nan' not in out and re.search(r'^\s*\d+\s+\w.*\s-\s+-\s+-\s+absent$', out, re.M)
 
 
-def test_predict_writes_a_mask_and_an_overlay_per_image(trained):
+def test_predict_writes_a_mask_and_an_overlay_per_image(trained, dygraph):
     images = trained['root'] / 'leftImg8bit' / 'val'
-    save_dir = trained['work'] / 'predicted'
-    run_tool('predict.py', '--config', trained['config'], '--model_path', trained['model'],
-             '--image_path', images, '--save_dir', save_dir)
+    save_dir = dygraph['predicted']
     names = sorted(os.path.relpath(p, images)[:-4] for p in images.rglob('*.png'))
     masks = sorted(os.path.relpath(p, save_dir / 'pseudo_color_prediction')[:-4]
                    for p in (save_dir / 'pseudo_color_prediction').rglob('*.png'))
@@ -69,42 +81,36 @@ def test_predict_writes_a_mask_and_an_overlay_per_image(trained):
     assert (save_dir / 'added_prediction' / (names[0] + '.jpg')).is_file()
 
 
-def test_val_miou_equals_the_official_cityscapes_evaluator(trained):
-    metrics_file = trained['work'] / 'metrics.json'
-    run_tool('val.py', '--config', trained['config'], '--model_path', trained['model'],
-             '--save_json', metrics_file)
+def test_val_miou_equals_the_official_cityscapes_evaluator(trained, dygraph):
     prediction_dir = trained['work'] / 'label_ids'
     run_tool('predict.py', '--config', trained['config'], '--model_path', trained['model'],
              '--image_path', trained['root'] / 'leftImg8bit' / 'val', '--save_dir', prediction_dir,
              '--save_format', 'cityscapes')
-    ours = json.loads(metrics_file.read_text())['miou']
+    ours = dygraph['metrics']['miou']
     assert ours == pytest.approx(official_miou(prediction_dir, trained['root']), abs=1e-4)
 
 
-def test_export_then_infer_and_val_give_the_dygraph_results(trained):
+def test_export_then_infer_and_val_give_the_dygraph_results(trained, dygraph):
     work, images = trained['work'], trained['root'] / 'leftImg8bit' / 'val'
     run_tool('export.py', '--config', trained['config'], '--model_path', trained['model'],
              '--save_dir', work / 'exported')
     run_tool('infer.py', '--config', work / 'exported' / 'deploy.yaml', '--image_path', images,
              '--save_dir', work / 'inferred')
-    run_tool('predict.py', '--config', trained['config'], '--model_path', trained['model'],
-             '--image_path', images, '--save_dir', work / 'dygraph')
-    masks = sorted((work / 'dygraph' / 'pseudo_color_prediction').rglob('*.png'))
-    assert len(masks) == 3
-    for mask in masks:
-        inferred = work / 'inferred' / mask.relative_to(work / 'dygraph')
+    assert len(dygraph['masks']) == 3
+    for mask in dygraph['masks']:
+        inferred = work / 'inferred' / mask.relative_to(dygraph['predicted'])
         assert np.array_equal(np.asarray(Image.open(inferred)), np.asarray(Image.open(mask))), mask.name
-    dygraph = EVAL_LINE.search(run_tool('val.py', '--config', trained['config'], '--model_path', trained['model']))
     exported = EVAL_LINE.search(run_tool('val.py', '--config', trained['config'],
                                          '--model_path', work / 'exported'))
-    assert exported.group(0) == dygraph.group(0)
+    assert exported.group(0) == dygraph['eval_line']
 
 
 @needs_onnx_export
 @pytest.mark.parametrize('export_format, precision, backend', [
     ('onnx', 'fp32', None), pytest.param('onnx', 'fp32', 'openvino', marks=needs_openvino),
     pytest.param('openvino', 'fp32', None, marks=needs_openvino), pytest.param('openvino', 'int8', None, marks=needs_openvino)])
-def test_every_format_exports_checked_and_runs_through_infer_and_val(trained, export_format, precision, backend):
+def test_every_format_exports_checked_and_runs_through_infer_and_val(trained, dygraph, export_format, precision,
+                                                                     backend):
     work, images = trained['work'], trained['root'] / 'leftImg8bit' / 'val'
     folder = work / f'{export_format}_{precision}'
     if not folder.exists():  # the same export serves two backends
@@ -121,18 +127,13 @@ def test_every_format_exports_checked_and_runs_through_infer_and_val(trained, ex
     backend_flag = ['--backend', backend] if backend else []
     run_tool('infer.py', '--config', folder, '--image_path', images, '--save_dir', work / f'inferred_{folder.name}',
              *backend_flag)
-    if not (work / 'dygraph').exists():
-        run_tool('predict.py', '--config', trained['config'], '--model_path', trained['model'],
-                 '--image_path', images, '--save_dir', work / 'dygraph')
-    dygraph_masks = sorted((work / 'dygraph' / 'pseudo_color_prediction').rglob('*.png'))
     exported = EVAL_LINE.search(run_tool('val.py', '--config', trained['config'], '--model_path', folder,
                                          *backend_flag))
     if precision == 'int8':  # the int8 model's mIoU, as the export reported it
         assert f'mIoU: {int8_report.group(1)} ' in exported.group(0)
         return
-    dygraph = EVAL_LINE.search(run_tool('val.py', '--config', trained['config'], '--model_path', trained['model']))
-    assert exported.group(0) == dygraph.group(0)
-    assert len(dygraph_masks) == 3
-    for mask in dygraph_masks:
-        inferred = work / f'inferred_{folder.name}' / mask.relative_to(work / 'dygraph')
+    assert exported.group(0) == dygraph['eval_line']
+    assert len(dygraph['masks']) == 3
+    for mask in dygraph['masks']:
+        inferred = work / f'inferred_{folder.name}' / mask.relative_to(dygraph['predicted'])
         assert np.array_equal(np.asarray(Image.open(inferred)), np.asarray(Image.open(mask))), mask.name
