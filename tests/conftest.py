@@ -24,18 +24,6 @@ TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, TOOLS)
 
 
-# The files that take a minute or more of the suite's time on two cores. pytest-xdist hands out whole files
-# in collection order: these go first, and the many short files fill in around them, instead of one of
-# these starting last and running alone at the end.
-LONGEST_FILES = ('test_benchmark.py', 'test_distributed_failures.py', 'test_end_to_end.py', 'test_export.py',
-                 'test_tools.py')
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: index for index, name in enumerate(LONGEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))  # stable: the rest keep their order
-
-
 def run_tool_in_process(name, *args):
     """What tools/<name>'s main logs, one line per record as the tool prints it, when it runs in this process.
 

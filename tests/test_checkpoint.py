@@ -133,14 +133,19 @@ def _read_and_report(path, describe, connection):
 
 def read_in_child(path, describe=lambda state: sorted(state)):
     """What read_state(path) ends in, run apart from this process: ('loaded', describe(state)),
-    ('CheckpointError', message), another exception's name and message, or ('timeout', ...)."""
+    ('CheckpointError', message), another exception's name and message, ('died', exit code) or ('timeout', ...)."""
     context = multiprocessing.get_context('fork')
     receiver, sender = context.Pipe(duplex=False)
     child = context.Process(target=_read_and_report, args=(str(path), describe, sender))
     start = time.monotonic()
     child.start()
+    sender.close()  # the child's end: a child that dies closes the pipe, and poll returns at once
     if receiver.poll(SECONDS):
-        outcome = receiver.recv()
+        try:
+            outcome = receiver.recv()
+        except EOFError:
+            child.join()
+            outcome = ('died', f'exit code {child.exitcode}')
     else:
         outcome = ('timeout', f'still reading after {SECONDS} s')
     child.kill()
