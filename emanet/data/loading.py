@@ -17,7 +17,6 @@ import cv2
 import numpy as np
 import paddle
 from paddle.io import multiprocess_utils as paddle_multiprocess
-from paddle.io.dataloader.dataloader_iter import _DataLoaderIterSingleProcess
 from PIL import ExifTags, Image
 
 from emanet.errors import InvalidInput, UserError
@@ -271,12 +270,13 @@ def _stop_reader_thread(iterator):
     """Stop and join the reader thread of a loader without workers. Paddle's shutdown checks it once a
     second, which costs a whole second at the end of every training run and evaluation; the thread
     itself stops within one batch of being told."""
-    thread = getattr(iterator, '_thread', None)
-    if (not isinstance(iterator, _DataLoaderIterSingleProcess) or iterator._shutdown or thread is None
-            or thread is threading.current_thread()):
+    # Paddle's private attributes, read softly: where one is missing, Paddle's own shutdown does it all
+    thread, done = getattr(iterator, '_thread', None), getattr(iterator, '_thread_done_event', None)
+    if (getattr(iterator, '_num_workers', 1) != 0 or getattr(iterator, '_shutdown', True) or thread is None
+            or done is None or thread is threading.current_thread()):
         return
-    iterator._thread_done_event.set()
-    if iterator._blocking_queue:
+    done.set()
+    if getattr(iterator, '_blocking_queue', None):
         iterator._blocking_queue.close()  # a reader blocked on a full queue wakes up
         iterator._blocking_queue = None
     thread.join(3)  # Paddle's own bound; past it, its shutdown waits for the thread as before
