@@ -38,7 +38,9 @@ def page_faults(mode):
 def test_tuned_allocator_reuses_freed_memory_instead_of_faulting_it_in_again():
     pages = 64 * 2 ** 20 // os.sysconf('SC_PAGE_SIZE')
     assert page_faults('default') > pages // 2  # glibc mmaps the 64 MB anew: every page faults
-    assert page_faults('tuned') < pages // 20
+    # The best of three: a VM's proactive reclaim (DAMON's kdamond runs on the CI machine) may page out the
+    # freed heap before the probe reuses it, and then every page faults again; without the tuning, all do.
+    assert any(page_faults('tuned') < pages // 20 for _ in range(3))
 
 
 def test_allocator_tuning_can_be_turned_off(monkeypatch):
