@@ -37,22 +37,26 @@ def trained(tmp_path_factory):
 def dygraph(trained):
     """What val.py and predict.py give for the trained model without test-time flags (compared against by
     several tests): the [EVAL] line, the saved metrics, and predict.py's save_dir."""
-    metrics_file = trained['work'] / 'dygraph.json'
-    out = run_tool('val.py', '--config', trained['config'], '--model_path', trained['model'],
-                   '--save_json', metrics_file)
+    metrics, out = val_metrics(trained, 'dygraph')
     predicted = trained['work'] / 'dygraph'
     run_tool('predict.py', '--config', trained['config'], '--model_path', trained['model'],
              '--image_path', trained['root'] / 'leftImg8bit' / 'val', '--save_dir', predicted)
-    return {'eval_line': EVAL_LINE.search(out).group(0), 'metrics': json.loads(metrics_file.read_text()),
+    return {'eval_line': EVAL_LINE.search(out).group(0), 'metrics': metrics,
             'predicted': predicted, 'masks': sorted((predicted / 'pseudo_color_prediction').rglob('*.png'))}
+
+
+def val_metrics(trained, name, *flags):
+    """The metrics val.py saves for the trained model with these test-time flags, and its log."""
+    metrics_file = trained['work'] / f'{name}.json'
+    out = run_tool('val.py', '--config', trained['config'], '--model_path', trained['model'],
+                   '--save_json', metrics_file, *flags)
+    return json.loads(metrics_file.read_text()), out
 
 
 def confusion_matrix(trained, name, *flags):
     """The confusion matrix val.py saves for the trained model with these test-time flags, and its log."""
-    metrics_file = trained['work'] / f'{name}.json'
-    out = run_tool('val.py', '--config', trained['config'], '--model_path', trained['model'],
-                   '--save_json', metrics_file, *flags)
-    return json.loads(metrics_file.read_text())['confusion_matrix'], out
+    metrics, out = val_metrics(trained, name, *flags)
+    return metrics['confusion_matrix'], out
 
 
 def test_val_with_flip_and_scales_and_with_sliding_window(trained, dygraph):
