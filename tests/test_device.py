@@ -38,7 +38,7 @@ def page_faults(mode):
 def test_tuned_allocator_reuses_freed_memory_instead_of_faulting_it_in_again():
     pages = 64 * 2 ** 20 // os.sysconf('SC_PAGE_SIZE')
     assert page_faults('default') > pages // 2  # glibc mmaps the 64 MB anew: every page faults
-    # The best of three: a VM's proactive reclaim (DAMON's kdamond runs on the CI machine) may page out the
+    # Any of three probes: a VM's proactive reclaim (DAMON's kdamond runs on the CI machine) may page out the
     # freed heap before the probe reuses it, and then every page faults again; without the tuning, all do.
     assert any(page_faults('tuned') < pages // 20 for _ in range(3))
 

@@ -34,7 +34,8 @@ print(json.dumps({
     'level': package_logger.level,
     'root_handlers_unchanged': logging.getLogger().handlers == root_handlers,
     'scene_painter_imported': 'emanet.data.scene_painter' in sys.modules,
-    'paddlex_modules': sorted(m for m in sys.modules if m == 'paddlex' or m.startswith(('paddlex.', 'emanet.integrations'))),
+    'paddlex_modules': sorted(m for m in sys.modules
+                              if m == 'paddlex' or m.startswith(('paddlex.', 'emanet.integrations'))),
     'warning_filters_unchanged': warnings.filters == filters,
 }))
 """
