@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny generic dataset and a config writer (no downloads, a few seconds to train)."""
+import contextlib
 import http.server
 import importlib
 import logging
@@ -139,9 +140,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def server():
-    """A file server on 127.0.0.1 for the test's duration; its base URL (no outside network)."""
+@contextlib.contextmanager
+def serving():
+    """A file server on 127.0.0.1 (``Handler``'s files, its records cleared) while the block runs; its base URL."""
     httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
     Handler.hits.clear()
     Handler.redirects.clear()
@@ -150,9 +151,18 @@ def server():
     # shutdown() waits for serve_forever's next poll: a short interval spares each test half a second
     thread = threading.Thread(target=httpd.serve_forever, kwargs={'poll_interval': 0.02}, daemon=True)
     thread.start()
-    yield f'http://127.0.0.1:{httpd.server_address[1]}'
-    httpd.shutdown()
-    httpd.server_close()
+    try:
+        yield f'http://127.0.0.1:{httpd.server_address[1]}'
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    """A file server on 127.0.0.1 for the test's duration; its base URL (no outside network)."""
+    with serving() as url:
+        yield url
 
 
 def draw_sample(rng, height=32, width=48):
@@ -249,7 +259,7 @@ val_dataset:
   transforms:
     - type: Normalize
 optimizer: {optimizer}
-lr_scheduler: {{type: PolynomialDecay, learning_rate: {learning_rate}, power: 0.9, end_lr: 0}}
+lr_scheduler: {{type: PolynomialDecay, learning_rate: {learning_rate}, power: 0.9, end_lr: 0{decay_steps}}}
 loss:
   types: [{{type: CrossEntropyLoss}}]
   coef: [1, 0.4]
@@ -264,11 +274,16 @@ model:
 
 
 def street_scenes_config(path, root, iters, num_val, size, optimizer='{type: AdamW, weight_decay: 0.0001}',
-                         learning_rate=0.002, backbone='{type: ResNet18_vd, output_stride: 8}', extra=''):
-    """Write a config training a small EMANet on 8 drawn street scenes (drawn into ``root`` on first use)."""
+                         learning_rate=0.002, backbone='{type: ResNet18_vd, output_stride: 8}', extra='',
+                         decay_steps=None):
+    """Write a config training a small EMANet on 8 drawn street scenes (drawn into ``root`` on first use).
+
+    ``decay_steps`` fixes the learning rate's decay, which otherwise spans the run's iterations.
+    """
     path.write_text(STREET_SCENES_CONFIG.format(root=root, iters=iters, num_val=num_val, size=list(size),
-                                                optimizer=optimizer, learning_rate=learning_rate,
-                                                backbone=backbone) + textwrap.dedent(extra))
+                                                optimizer=optimizer, learning_rate=learning_rate, backbone=backbone,
+                                                decay_steps=f', decay_steps: {decay_steps}' if decay_steps else '')
+                    + textwrap.dedent(extra))
     return path
 
 
@@ -284,3 +299,17 @@ def log_lines():
     yield messages
     emanet_logger.removeHandler(handler)
     emanet_logger.setLevel(level)
+
+
+# The files that take longest (in seconds on 2 cores, from `--durations=0`), in that order: each file's tests run
+# in one test process, so the longest go first and the short ones fill in, and both processes end together.
+LONGEST_FILES = ('test_benchmark.py', 'test_distributed_failures.py', 'deploy/test_export.py', 'test_end_to_end.py',
+                 'test_tools.py', 'deploy/test_int8.py', 'deploy/test_exported_options.py', 'deploy/test_runtimes.py',
+                 'test_distributed.py', 'engine/test_predict_folders.py', 'engine/test_interruption.py',
+                 'engine/test_trainer.py', 'integrations/test_paddlex.py', 'engine/test_bad_input.py')
+
+
+def pytest_collection_modifyitems(config, items):
+    here = os.path.dirname(os.path.abspath(__file__))
+    rank = {os.path.join(here, name): index for index, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(str(item.path), len(rank)))
