@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from conftest import needs_onnx_export, needs_openvino, run_tool_in_process
-from deploy.test_export import TRANSFORMS, tiny_emanet
+from deploy.test_export import TRANSFORMS
 from emanet.checkpoint import save_state
 from emanet.config import ConfigError, build_model, load_config
 from emanet.deploy import export
-from emanet.deploy.export import CalibrationImages, export_checked, preprocessed_images, train_crop_size
+from emanet.deploy.export import CalibrationImages, preprocessed_images, train_crop_size
 from emanet.errors import InvalidInput
 
 CROP = (48, 32)  # (width, height)
@@ -94,11 +94,14 @@ def test_the_train_crop_is_read_from_the_train_transforms(config, crop):
 
 
 class HeldCrops(CalibrationImages):
-    """Calibration crops that count how many of those handed out are still held when the next is asked for."""
+    """Calibration crops that count how many of those handed out are still held when the next is asked for;
+    ``made`` lists every instance."""
+    made = []
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.handed_out, self.shapes, self.most_held = [], [], 0
+        self.made.append(self)
 
     def __getitem__(self, index):
         self.most_held = max(self.most_held, sum(ref() is not None for ref in self.handed_out))
@@ -106,34 +109,6 @@ class HeldCrops(CalibrationImages):
         self.handed_out.append(weakref.ref(crop))
         self.shapes.append(crop.shape)
         return crop
-
-
-@pytest.fixture(scope='module')
-def street_images(tmp_path_factory):
-    """Four 256x512 images (height x width). Smaller ones would not do: the dilated convolutions of an output
-    stride 8 backbone see mostly padding in a crop of a few feature pixels, and a random model's activations
-    there are far from those of the whole image (48x32 crops of 96x64 images: 38% of the int8 labels agree)."""
-    folder = tmp_path_factory.mktemp('street')
-    rng = np.random.RandomState(2)
-    paths = []
-    for index in range(4):
-        paths.append(str(folder / f'{index}.png'))
-        cv2.imwrite(paths[-1], cv2.resize(rng.randint(0, 256, (32, 64, 3)).astype(np.uint8), (512, 256)))
-    return paths
-
-
-@needs_onnx_export
-@needs_openvino
-@pytest.mark.slow
-def test_int8_export_calibrated_on_crops_read_one_at_a_time_passes_its_check(street_images, tmp_path):
-    model = tiny_emanet()
-    crops = HeldCrops(street_images, TRANSFORMS, (256, 128))
-    check = preprocessed_images(street_images[:2], TRANSFORMS)
-    _, agreement, _ = export_checked(model, str(tmp_path / 'int8'), TRANSFORMS, check, export_format='openvino',
-                                     calibration=crops, min_agreement=0.9)  # 0.9 as for the random model in test_runtimes
-    assert agreement >= 0.9
-    assert set(crops.shapes) == {(3, 128, 256)} and len(crops.shapes) >= len(crops)  # NNCF saw every crop
-    assert crops.most_held <= 1  # never a list of all the images
 
 
 CONFIG = '''
@@ -210,11 +185,17 @@ def test_a_calibration_crop_other_than_the_fixed_input_shape_is_refused(tool_con
 @needs_onnx_export
 @needs_openvino
 @pytest.mark.slow
-def test_export_tool_int8_on_train_crops_passes_its_check(tool_config):
+def test_export_tool_int8_on_train_crops_read_one_at_a_time_passes_its_check(tool_config, monkeypatch):
+    import export as export_tool  # tools/export.py
+    HeldCrops.made.clear()
+    monkeypatch.setattr(export_tool, 'CalibrationImages', HeldCrops)
     config, weights, work = tool_config
     out = run_tool_in_process('export.py', '--config', config, '--model_path', weights, '--save_dir', work / 'int8',
                               '--format', 'openvino', '--precision', 'int8', '--calibration_images', 4,
-                              '--miou_images', 0, '--min_agreement', 0.9)
+                              '--miou_images', 0, '--min_agreement', 0.9)  # 0.9 as for the random model in test_runtimes
     assert 'int8: calibrating on 4 images, crops of 256x128' in out
     assert re.search(r'Checked the openvino int8 export against the dygraph model: \d+\.\d{4}% of the labels '
                      r'equal on 2 images', out)
+    crops = HeldCrops.made[0]  # the calibration images (the check's crops come next)
+    assert set(crops.shapes) == {(3, 128, 256)} and len(crops.shapes) >= len(crops) == 4  # NNCF saw every crop
+    assert crops.most_held <= 1  # never a list of all the images
