@@ -153,7 +153,8 @@ def tool_config(tmp_path_factory):
     return str(config), str(weights), work
 
 
-@pytest.mark.parametrize('flags, calibrated_on', [([], 'crops of 256x128'), (['--calibration_crop', 64, 48], 'crops of 64x48'),
+@pytest.mark.parametrize('flags, calibrated_on', [([], 'crops of 256x128'),
+                                                  (['--calibration_crop', 64, 48], 'crops of 64x48'),
                                                   (['--calibration_crop', 0, 0], 'whole'),
                                                   (['--input_shape', 1, 3, 40, 56], 'crops of 56x40')])
 def test_export_tool_calibrates_on_the_train_crop_unless_told(tool_config, flags, calibrated_on, monkeypatch):
@@ -192,7 +193,7 @@ def test_export_tool_int8_on_train_crops_read_one_at_a_time_passes_its_check(too
     config, weights, work = tool_config
     out = run_tool_in_process('export.py', '--config', config, '--model_path', weights, '--save_dir', work / 'int8',
                               '--format', 'openvino', '--precision', 'int8', '--calibration_images', 4,
-                              '--miou_images', 0, '--min_agreement', 0.9)  # 0.9 as for the random model in test_runtimes
+                              '--miou_images', 0, '--min_agreement', 0.9)  # as for the random model in test_runtimes
     assert 'int8: calibrating on 4 images, crops of 256x128' in out
     assert re.search(r'Checked the openvino int8 export against the dygraph model: \d+\.\d{4}% of the labels '
                      r'equal on 2 images', out)
