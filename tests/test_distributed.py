@@ -62,6 +62,11 @@ def comparable(metrics):
     return json.dumps({key: value for key, value in metrics.items() if key != 'seconds'}, sort_keys=True)
 
 
+# What both training runs are given besides their config, iterations and folder (the weights at a save depend on
+# where the saves were: each one averages the BatchNorm statistics of the processes).
+TRAIN_ARGS = ('--save_interval', 2, '--seed', 3)
+
+
 @pytest.fixture(scope='module')
 def one_launch(tmp_path_factory):
     """tools/train.py (through dist_tool_worker.py) in one launch of two processes, from an empty weights cache
@@ -82,11 +87,6 @@ def one_launch(tmp_path_factory):
                       env=env)
         hits = list(Handler.hits)
     return {'work': work, 'config': config, 'env': env, 'logs': logs, 'hits': hits}
-
-
-# What both training runs are given besides their config, iterations and folder (the weights at a save depend on
-# where the saves were: each one averages the BatchNorm statistics of the processes).
-TRAIN_ARGS = ('--save_interval', 2, '--seed', 3)
 
 
 def test_two_processes_from_an_empty_cache_train_alike_and_evaluate_as_one(one_launch):
@@ -129,6 +129,7 @@ def test_two_processes_from_an_empty_cache_train_alike_and_evaluate_as_one(one_l
 def test_two_nodes_train_like_one_launch_and_when_one_node_is_stopped_the_other_ends_saying_so(
         one_launch, tmp_path):
     """Paddle's multi-node form, two launchers of one process on loopback standing in for two machines."""
+    # The backbone's weights come from the cache the launch filled (its server has stopped).
     nodes = start_nodes(tmp_path, '--config', one_launch['config'], '--save_dir', tmp_path / 'two', *TRAIN_ARGS,
                         env=one_launch['env'])
     try:
