@@ -1,5 +1,5 @@
-"""Paddle's multi-node form on loopback for the distributed tests: two launchers of one process each, as on two
-machines, and how a launcher left alone ends."""
+"""paddle.distributed.launch for the distributed tests: one launcher of two processes, or Paddle's multi-node
+form on loopback (two launchers of one process each, as on two machines), and how a launcher left alone ends."""
 import contextlib
 import os
 import signal
@@ -14,6 +14,16 @@ from conftest import TOOLS
 BOUND_SECONDS = 60
 # Signs of an ending that is not one sentence: a Python traceback, Paddle's report of a fatal signal.
 UNCLEAN = ('Traceback', 'FatalError', 'terminate called')
+
+
+def launch(log_dir, script, *args, env=None, timeout=300):
+    """One launcher with two processes; (exit code, seconds, launcher console, worker logs)."""
+    start = time.time()
+    result = subprocess.run([sys.executable, '-m', 'paddle.distributed.launch', '--nproc_per_node', '2',
+                             '--log_dir', str(log_dir), script, *map(str, args)],
+                            capture_output=True, text=True, timeout=timeout, env=env)
+    logs = {path.name: path.read_text() for path in sorted(log_dir.glob('workerlog.*'))}
+    return result.returncode, time.time() - start, result.stdout + result.stderr, logs
 
 
 def free_port():

@@ -35,8 +35,7 @@ def page_faults():
     env = dict(os.environ, EMANET_TUNE_MALLOC='1')
     result = subprocess.run([sys.executable, '-c', FAULTS_PROBE], capture_output=True, text=True,
                             env=env, check=True)
-    default, tuned = map(int, result.stdout.split()[-2:])
-    return default, tuned
+    return tuple(map(int, result.stdout.split()[-2:]))
 
 
 @pytest.mark.slow

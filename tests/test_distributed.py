@@ -20,7 +20,8 @@ import paddle
 from paddleseg.models.backbones import ResNet18_vd
 
 from conftest import TOOLS, Handler, serving, street_scenes_config
-from launchers import BOUND_SECONDS, UNCLEAN, ending, node_of_process_0, start_nodes, stop_all, wait_until
+from launchers import (BOUND_SECONDS, UNCLEAN, ending, launch, node_of_process_0, start_nodes, stop_all,
+                       wait_until)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BACKBONE_URL_PATH = '/backbones/ResNet18_vd_ssld.tar.gz'
@@ -40,13 +41,10 @@ def backbone_archive(tmp_path):
     return buffer.getvalue()
 
 
-def launch(tmp_path, log_name, script, *args, env):
-    log_dir = tmp_path / log_name
-    result = subprocess.run([sys.executable, '-m', 'paddle.distributed.launch', '--nproc_per_node', '2',
-                             '--log_dir', str(log_dir), script, *map(str, args)],
-                            capture_output=True, text=True, timeout=900, env=env)
-    logs = {path.name: path.read_text() for path in sorted(log_dir.glob('workerlog.*'))}
-    assert result.returncode == 0, ''.join(logs.values())[-4000:] + result.stderr[-2000:]
+def launched(log_dir, script, *args, env):
+    """The worker logs of a two-process launch, which must succeed."""
+    code, _, console, logs = launch(log_dir, script, *args, env=env, timeout=900)
+    assert code == 0, ''.join(logs.values())[-4000:] + console[-2000:]
     return logs
 
 
@@ -82,9 +80,9 @@ def one_launch(tmp_path_factory):
             backbone=f'{{type: ResNet18_vd, output_stride: 8, pretrained: {server}{BACKBONE_URL_PATH}}}',
             extra='test_config: {aug_eval: True, flip_horizontal: True}\n')
         env = dict(os.environ, EMANET_CACHE=str(work / 'cache'))
-        logs = launch(work, 'train_log', os.path.join(HERE, 'dist_tool_worker.py'), work,
-                      '--config', config, '--iters', 4, '--save_dir', work / 'out', '--do_eval', *TRAIN_ARGS,
-                      env=env)
+        logs = launched(work / 'train_log', os.path.join(HERE, 'dist_tool_worker.py'), work,
+                        '--config', config, '--iters', 4, '--save_dir', work / 'out', '--do_eval', *TRAIN_ARGS,
+                        env=env)
         hits = list(Handler.hits)
     return {'work': work, 'config': config, 'env': env, 'logs': logs, 'hits': hits}
 
@@ -120,9 +118,9 @@ def test_two_processes_from_an_empty_cache_train_alike_and_evaluate_as_one(one_l
     assert sum(map(sum, one_process['confusion_matrix'])) == 5 * 96 * 48 - ignored_pixels(work / 'scenes')
 
     # tools/val.py in two processes: the same metrics to the last digit.
-    launch(work, 'val_log', os.path.join(TOOLS, 'val.py'), '--config', config,
-           '--model_path', work / 'out' / 'iter_4' / 'model.pdparams', '--save_json', work / 'two.json',
-           env=env)
+    launched(work / 'val_log', os.path.join(TOOLS, 'val.py'), '--config', config,
+             '--model_path', work / 'out' / 'iter_4' / 'model.pdparams', '--save_json', work / 'two.json',
+             env=env)
     assert comparable(json.loads((work / 'two.json').read_text())) == comparable(one_process)
 
 

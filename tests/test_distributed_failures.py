@@ -9,15 +9,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
 
 import pytest
 import paddle
 
 from conftest import CONFIG, TOOLS
-from launchers import (BOUND_SECONDS, UNCLEAN, ending, node_of_process_0, start_nodes, stop_all, wait_until,
-                       worker_log)
+from launchers import (BOUND_SECONDS, UNCLEAN, ending, launch, node_of_process_0, start_nodes, stop_all,
+                       wait_until, worker_log)
 from emanet.config import build_model, load_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,16 +31,6 @@ def dataset_copy(tiny_dataset, tmp_path, iters=4):
     config = tmp_path / 'config.yml'
     config.write_text(text)
     return config, root
-
-
-def launch(log_dir, script, *args):
-    """One launcher with two processes; (exit code, seconds, launcher console, worker logs)."""
-    start = time.time()
-    result = subprocess.run([sys.executable, '-m', 'paddle.distributed.launch', '--nproc_per_node', '2',
-                             '--log_dir', str(log_dir), script, *map(str, args)],
-                            capture_output=True, text=True, timeout=300)
-    logs = {path.name: path.read_text() for path in sorted(log_dir.glob('workerlog.*'))}
-    return result.returncode, time.time() - start, result.stdout + result.stderr, logs
 
 
 def test_a_bad_file_in_one_process_evaluation_ends_both_and_the_console_names_it(tiny_dataset, tmp_path):
