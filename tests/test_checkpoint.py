@@ -3,6 +3,8 @@ atomic writing, safetensors weights, and errors of one sentence naming the file.
 import builtins
 import collections
 import errno
+import faulthandler
+import gc
 import json
 import multiprocessing
 import os
@@ -10,6 +12,7 @@ import pickle
 import re
 import resource
 import struct
+import tempfile
 import time
 import tracemalloc
 
@@ -121,7 +124,12 @@ def _virtual_memory_bytes():
         return int(statm.read().split()[0]) * resource.getpagesize()
 
 
-def _read_and_report(path, describe, connection):
+def _read_and_report(path, describe, connection, stack_file):
+    # The parent's garbage is not the child's to collect. A reader that makes thousands of containers starts
+    # collections, and one freed a traceback kept from an earlier test whose frame held a Paddle C++ object: its
+    # destructor waited (pthread_cond_destroy) for a parent's thread the child does not have, and the reader hung.
+    gc.freeze()
+    faulthandler.dump_traceback_later(WAIT_SECONDS - 5, file=stack_file)  # where a reader stood, if it hangs
     limit = _virtual_memory_bytes() + (3 << 29)  # 1.5 GiB more than the process holds already
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     start = time.process_time()  # this process's CPU time: the reader's work, whoever else runs
@@ -141,20 +149,23 @@ def read_in_child(path, describe=lambda state: sorted(state)):
     exit code, s) and ('timeout', ..., s) with the seconds waited."""
     context = multiprocessing.get_context('fork')
     receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(target=_read_and_report, args=(str(path), describe, sender))
-    start = time.monotonic()
-    child.start()
-    sender.close()  # the child's end: a child that dies closes the pipe, and poll returns at once
-    if receiver.poll(WAIT_SECONDS):
-        try:
-            outcome = receiver.recv()
-        except EOFError:
-            child.join()
-            outcome = ('died', f'exit code {child.exitcode}', time.monotonic() - start)
-    else:
-        outcome = ('timeout', f'still reading after {WAIT_SECONDS} s', time.monotonic() - start)
-    child.kill()
-    child.join()
+    with tempfile.TemporaryFile('w+') as stack_file:
+        child = context.Process(target=_read_and_report, args=(str(path), describe, sender, stack_file))
+        start = time.monotonic()
+        child.start()
+        sender.close()  # the child's end: a child that dies closes the pipe, and poll returns at once
+        if receiver.poll(WAIT_SECONDS):
+            try:
+                outcome = receiver.recv()
+            except EOFError:
+                child.join()
+                outcome = ('died', f'exit code {child.exitcode}', time.monotonic() - start)
+        else:
+            stack_file.seek(0)
+            outcome = ('timeout', f'still reading after {WAIT_SECONDS} s, in\n{stack_file.read()}',
+                       time.monotonic() - start)
+        child.kill()
+        child.join()
     return outcome
 
 
