@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import paddle
 from paddle.io import multiprocess_utils as paddle_multiprocess
+from paddle.io.dataloader import worker as paddle_worker
 from PIL import ExifTags, Image
 
 from emanet.errors import InvalidInput, UserError
@@ -267,19 +268,28 @@ def running_loader(loader):
 
 
 def _stop_reader_thread(iterator):
-    """Stop and join the reader thread of a loader without workers. Paddle's shutdown checks it once a
-    second, which costs a whole second at the end of every training run and evaluation; the thread
-    itself stops within one batch of being told."""
+    """Stop and join the loader's reader thread, the one that moves batches into Paddle's queue.
+
+    Without workers, Paddle's shutdown checks the thread once a second, which costs a whole second at
+    the end of every training run and evaluation. With workers, Paddle does not wait for the thread at
+    all: it closes the workers' result queue while the thread may be reading it, and the thread lives
+    on for up to 5 s (its read's timeout) beside the iterator being taken apart. The thread stops
+    within one batch of being told; a thread waiting for a worker's batch is woken by a message
+    that Paddle's own reader takes to mean "stop here".
+    """
     # Paddle's private attributes, read softly: where one is missing, Paddle's own shutdown does it all
     thread, done = getattr(iterator, '_thread', None), getattr(iterator, '_thread_done_event', None)
-    if (getattr(iterator, '_num_workers', 1) != 0 or getattr(iterator, '_shutdown', True) or thread is None
-            or done is None or thread is threading.current_thread()):
+    if getattr(iterator, '_shutdown', True) or thread is None or done is None or thread is threading.current_thread():
         return
     done.set()
     if getattr(iterator, '_blocking_queue', None):
         iterator._blocking_queue.close()  # a reader blocked on a full queue wakes up
         iterator._blocking_queue = None
-    thread.join(3)  # Paddle's own bound; past it, its shutdown waits for the thread as before
+    results = getattr(iterator, '_data_queue', None)
+    if getattr(iterator, '_num_workers', 0) > 0 and results is not None and hasattr(paddle_worker, '_ResumeIteration'):
+        with contextlib.suppress(ValueError, OSError):  # a queue closed already: nobody reads it
+            results.put((paddle_worker._ResumeIteration(), None, None))  # what persistent workers send between epochs
+    thread.join(3)  # Paddle's own bound; past it, its shutdown goes on as before
 
 
 class TrainSamples(paddle.io.Dataset):

@@ -27,20 +27,24 @@ def test_a_plain_loop_over_the_loader_raises_the_sample_error_naming_the_file(tm
     assert len(seen) == 1 and len(seen[0]) == 4  # the good image came through as an image [1, 3, H, W]
 
 
-def test_a_loop_left_early_ends_the_reader_thread_with_the_block(tmp_path, tiny_dataset, monkeypatch):
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_a_loop_left_early_ends_the_reader_thread_with_the_block(tmp_path, tiny_dataset, monkeypatch, num_workers):
+    """Without workers Paddle looks at its reader thread once a second; with workers it leaves it reading the
+    queue it closes, for up to 5 s. Either way the thread has ended when the block ends, without a wait."""
     def no_sleep(seconds):
         raise AssertionError(f'the loader waited {seconds} s for its thread')
 
-    # Paddle's shutdown looks at the thread once a second: the block ends without that wait
     monkeypatch.setattr(dataloader_iter, 'time', types.SimpleNamespace(**dict(vars(time), sleep=no_sleep)))
     (tmp_path / 'config.yml').write_text(CONFIG.format(root=tiny_dataset))
     dataset = Builder(load_config(str(tmp_path / 'config.yml'), training=False)).val_dataset
     dataset.file_list = dataset.file_list * 50  # more than the loader's queue holds
-    loader = paddle.io.DataLoader(EvalSamples(dataset), batch_size=1, num_workers=0, collate_fn=collate_one,
-                                  return_list=True)
+    loader = paddle.io.DataLoader(EvalSamples(dataset), batch_size=1, num_workers=num_workers,
+                                  collate_fn=collate_one, return_list=True)
     before = set(threading.enumerate())
     with running_loader(loader) as batches:
         next(batches)
-        readers = [thread for thread in threading.enumerate() if thread not in before]
+        # Paddle's reader thread (multiprocessing's queue feeders, which end as their queues close, are not it)
+        readers = [thread for thread in threading.enumerate()
+                   if thread not in before and not thread.name.startswith('QueueFeederThread')]
         assert readers and all(reader.is_alive() for reader in readers)  # still reading, the queue being full
-    assert not any(reader.is_alive() for reader in readers)
+    assert not any(reader.is_alive() for reader in readers), [reader.name for reader in readers]
