@@ -16,7 +16,6 @@ import os
 import re
 import tempfile
 
-import yaml
 from paddleseg.cvlibs import Config, SegBuilder, config_checker, manager
 from paddleseg.cvlibs.config import merge_config_dicts
 from paddleseg.utils import logger as paddleseg_logger
@@ -25,6 +24,7 @@ from paddleseg.utils.utils import CachedProperty as cached_property
 from emanet import registry
 from emanet.checkpoint import load_weights
 from emanet.errors import UserError
+from emanet.untrusted import UnreadableFile, load_yaml
 
 
 TOP_LEVEL_KEYS = ('batch_size', 'iters', 'train_dataset', 'val_dataset', 'optimizer', 'lr_scheduler',
@@ -32,10 +32,10 @@ TOP_LEVEL_KEYS = ('batch_size', 'iters', 'train_dataset', 'val_dataset', 'optimi
                   '_base_', '_inherited_')
 TRAINING_KEYS = ('batch_size', 'iters', 'train_dataset', 'optimizer', 'lr_scheduler', 'loss', 'model')
 INFERENCE_KEYS = ('model', 'val_dataset')
+# PaddleSeg's rules and builders read these sections as mappings and these counts as numbers.
+MAPPING_KEYS = ('model', 'train_dataset', 'val_dataset', 'optimizer', 'lr_scheduler', 'loss', 'test_config', 'export')
+COUNT_KEYS = ('batch_size', 'iters')
 BASE_KEY = '_base_'
-# More values than any real config holds (the published ones have a few hundred), counted with
-# YAML aliases expanded, as PaddleSeg's merging and printing would expand them.
-MAX_CONFIG_VALUES = 100_000
 MAX_BASE_DEPTH = 32
 
 
@@ -85,6 +85,11 @@ class _Checks:
         if missing:
             needs = 'training needs' if self.training else 'export, evaluation and prediction need'
             raise ConfigError(f"{cfg.path}: missing key '{missing[0]}' ({needs} {', '.join(required)})")
+        wrong = [key for key in MAPPING_KEYS if key in cfg.dic and not isinstance(cfg.dic[key], dict)]
+        wrong += [key for key in COUNT_KEYS if key in cfg.dic and not (type(cfg.dic[key]) is int and cfg.dic[key] > 0)]
+        if wrong:
+            kind = 'a mapping of keys' if wrong[0] in MAPPING_KEYS else 'a positive whole number'
+            raise ConfigError(f"{cfg.path}: {wrong[0]} must be {kind}, got {cfg.dic[wrong[0]]!r:.60}")
         if self.training:
             rules = Config._build_default_checker().rule_list
         elif 'train_dataset' in cfg.dic:
@@ -92,7 +97,11 @@ class _Checks:
         else:
             rules = []
         for rule in rules:
-            rule.apply(cfg, allow_update=True)
+            try:
+                rule.apply(cfg, allow_update=True)
+            except (AttributeError, TypeError, IndexError) as err:  # a value inside a section of another kind
+                raise ConfigError(f"{cfg.path}: PaddleSeg's {type(rule).__name__} cannot read this config "
+                                  f"(a value of the wrong kind: {err})") from None
 
 
 def read_yaml_with_bases(path, inherited_by=()):
@@ -112,19 +121,14 @@ def read_yaml_with_bases(path, inherited_by=()):
     if len(inherited_by) >= MAX_BASE_DEPTH:
         raise ConfigError(f"{path}: more than {MAX_BASE_DEPTH} levels of _base_ files")
     try:
-        with open(path, encoding='utf-8') as f:
-            dic = yaml.safe_load(f)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file (YAML is UTF-8 text)") from None
+        dic = load_yaml(path, 'a config')
+    except UnreadableFile as err:
+        raise ConfigError(str(err)) from None
     if dic is None:
         dic = {}
     if not isinstance(dic, dict):
         raise ConfigError(f"{path}: a config is a mapping of keys (model, train_dataset, ...), "
                           f"this file holds a {type(dic).__name__}")
-    if _expanded_size(dic) > MAX_CONFIG_VALUES:
-        raise ConfigError(f"{path}: its aliases expand to more than {MAX_CONFIG_VALUES} values; refused")
     bases = dic.pop(BASE_KEY, [])
     bases = [bases] if isinstance(bases, str) else bases
     if not isinstance(bases, list) or not all(isinstance(base, str) for base in bases):
@@ -133,20 +137,6 @@ def read_yaml_with_bases(path, inherited_by=()):
         base_dic = read_yaml_with_bases(os.path.join(os.path.dirname(path), base), (*inherited_by, path))
         dic = merge_config_dicts(dic, base_dic)
     return dic
-
-
-def _expanded_size(value, limit=MAX_CONFIG_VALUES):
-    """How many values ``value`` holds with shared (aliased) parts counted each time; stops past ``limit``."""
-    count, stack = 0, [value]
-    while stack and count <= limit:
-        item = stack.pop()
-        count += 1
-        if isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            stack.extend(item)
-    return count
 
 
 class _SafeConfig(Config):

@@ -17,3 +17,7 @@ class InvalidInput(UserError, ValueError):
 
 class Unsupported(UserError, RuntimeError):
     """What was asked needs something this machine or installation does not have (a GPU, a package)."""
+
+
+class MissingFile(UserError, FileNotFoundError):
+    """A file the user named, or that a file they named names, does not exist."""

@@ -30,9 +30,12 @@ def build_transforms(transforms_cfg):
     for transform_cfg in transforms_cfg:
         kwargs = dict(transform_cfg)
         name = kwargs.pop('type')
-        if name not in manager.TRANSFORMS.components_dict:
-            raise InvalidInput(f"unknown transform '{name}'")
-        transforms.append(manager.TRANSFORMS[name](**kwargs))
+        if not isinstance(name, str) or name not in manager.TRANSFORMS.components_dict:
+            raise InvalidInput(f"unknown transform {name!r}")
+        try:
+            transforms.append(manager.TRANSFORMS[name](**kwargs))
+        except (TypeError, ValueError) as err:  # arguments a transform does not take, or values it refuses
+            raise InvalidInput(f"transform {name}: {' '.join(str(err).split())}") from None
     return Compose(transforms)
 
 

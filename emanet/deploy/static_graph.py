@@ -17,10 +17,12 @@ import paddle.nn.functional as F
 import yaml
 
 from emanet.deploy.legacy_program import legacy_operators, writes_legacy_program
-from emanet.errors import InvalidInput
+from emanet.errors import InvalidInput, MissingFile
+from emanet.untrusted import load_mapping
 from emanet.logger import drop_stderr_lines, ignore_warnings, logger
 
 OUTPUT_OPS = ('argmax', 'softmax', 'none')
+EXPORT_FORMATS = ('paddle', 'onnx', 'openvino')
 DEPLOY_FILE = 'deploy.yaml'
 MODEL_PREFIX = 'model'
 # PaddleSeg's layers build BatchNorm instead of SyncBatchNorm while this is set.
@@ -202,9 +204,8 @@ def read_deploy_config(path):
     if os.path.isdir(path):
         path = os.path.join(path, DEPLOY_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"deploy config not found: {path}")
-    with open(path) as f:
-        deploy = (yaml.safe_load(f) or {}).get('Deploy')
+        raise MissingFile(f"deploy config not found: {path}")
+    deploy = load_mapping(path, 'a deploy config').get('Deploy')
     required = ('model', 'transforms', 'output_op')
     if not isinstance(deploy, dict) or any(key not in deploy for key in required):
         raise InvalidInput(f"{path}: not a deploy config; expected a 'Deploy' section with "
@@ -215,9 +216,39 @@ def read_deploy_config(path):
         name = deploy[key]
         if not isinstance(name, str) or os.path.basename(name) != name or name in (os.curdir, os.pardir):
             raise InvalidInput(f"{path}: {key} must be a file name in the deploy config's folder, got {name!r}")
+    _check_deploy_fields(deploy, path)
     deploy = dict(deploy, format=deploy.get('format', 'paddle'),
                   **{key: os.path.join(folder, deploy[key]) for key in files})
     for key in files:
         if not os.path.isfile(deploy[key]):
-            raise FileNotFoundError(f"{path}: {key} file not found: {deploy[key]}")
+            raise MissingFile(f"{path}: {key} file not found: {deploy[key]}")
     return deploy
+
+
+def _check_deploy_fields(deploy, path):
+    """Refuse, in one sentence naming ``path`` and the key, a deploy section whose values are of the wrong
+    kind: an exported folder may come from someone else, and its readers index these values."""
+    def refuse(key, expected):
+        raise InvalidInput(f"{path}: Deploy.{key} must be {expected}, got {short_repr(deploy.get(key))}")
+
+    if deploy.get('format', 'paddle') not in EXPORT_FORMATS:
+        refuse('format', f"one of {', '.join(EXPORT_FORMATS)}")
+    if deploy['output_op'] not in OUTPUT_OPS:
+        refuse('output_op', f"one of {', '.join(OUTPUT_OPS)}")
+    transforms = deploy['transforms']
+    if not isinstance(transforms, list) or not all(isinstance(t, dict) and isinstance(t.get('type'), str)
+                                                   for t in transforms):
+        refuse('transforms', "a list of transforms, each a mapping with a 'type'")
+    num_classes = deploy.get('num_classes')
+    if num_classes is not None and not (type(num_classes) is int and num_classes > 0):
+        refuse('num_classes', "a positive whole number")
+    shape = deploy.get('input_shape')
+    if shape is not None and not (isinstance(shape, list) and len(shape) == 4 and
+                                  all(v is None or (type(v) is int and (v > 0 or v == -1)) for v in shape)):
+        refuse('input_shape', "[N, 3, H, W], each a positive whole number, -1 or null")
+
+
+def short_repr(value, limit=60):
+    """repr(value), cut to ``limit`` characters for a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + '...'
