@@ -117,8 +117,7 @@ class Checkpointer:
         other runs' folders, folders merely named like checkpoints and best_model/ are never among them."""
         own = sorted((iteration, name) for iteration, name in self._checkpoint_names() if self._owns(name))
         doomed = [name for _, name in own[:-self.keep]] if self.keep > 0 else []
-        leftovers = [name for name in self._entries() if name.endswith((f'.{self.run_id}.part', f'.{self.run_id}.old'))]
-        for name in doomed + leftovers:
+        for name in doomed + [name for name in self._entries() if self._is_own_leftover(name)]:
             shutil.rmtree(os.path.join(self.save_dir, name), ignore_errors=True)
 
     def resolve(self, resume_model):
@@ -139,6 +138,12 @@ class Checkpointer:
         if warn:
             warn_if_not_exact_resume(saved.get('data_order'), data_order, folder)
         return saved
+
+    def foreign_entries(self):
+        """The entries of save_dir named like a checkpoint or its leftovers that are not this run's, sorted."""
+        return sorted(name for name in self._entries()
+                      if name.startswith((CHECKPOINT_PREFIX, BEST_MODEL)) and not self._owns(name)
+                      and not self._is_own_leftover(name))
 
     def _continue_run_of(self, folder, saved):
         if 'run_id' in saved:
@@ -161,6 +166,10 @@ class Checkpointer:
         except CheckpointError:
             return False
 
+    def _is_own_leftover(self, name):
+        """Whether ``name`` is what an interrupted save of this run left (its staging names carry the run id)."""
+        return name.endswith((f'.{self.run_id}.part', f'.{self.run_id}.old'))
+
     def _entries(self):
         return os.listdir(self.save_dir) if os.path.isdir(self.save_dir) else []
 
@@ -171,12 +180,6 @@ class Checkpointer:
             if iteration is not None:
                 yield iteration, name
 
-    def foreign_entries(self):
-        """The entries of save_dir named like a checkpoint or its leftovers that are not this run's, sorted."""
-        return sorted(name for name in self._entries()
-                      if name.startswith((CHECKPOINT_PREFIX, BEST_MODEL)) and not self._owns(name)
-                      and not name.endswith((f'.{self.run_id}.part', f'.{self.run_id}.old')))
-
 
 def checkpoint_iteration(name):
     """N for a folder name ``iter_N`` (ASCII digits), else None."""
@@ -185,7 +188,7 @@ def checkpoint_iteration(name):
 
 
 def _saved_later(iteration, resumed_iter, iters, save_interval):
-    """Whether a run resumed after ``resumed_iter`` may save ``iteration`` (every ``save_interval`` and at ``iters``)."""
+    """Whether a run resumed after ``resumed_iter`` may save ``iteration`` (each ``save_interval``, and ``iters``)."""
     if iteration is None or iteration <= resumed_iter:
         return False
     if iters is None:
@@ -202,6 +205,8 @@ def folder_for_new_run(save_dir):
     """Where a new run beside an earlier one trains: ``save_dir`` if it holds no checkpoints a new run would
     refuse, else the first of ``<save_dir>-2``, ``<save_dir>-3``, ... that holds none (said in one line)."""
     save_dir = os.path.normpath(save_dir)
+    # Judged by checkpoints, not by existence: the processes of one launch write config.yml before any
+    # of them saves, and must all pick the same folder.
     for candidate in itertools.chain([save_dir], (f'{save_dir}-{number}' for number in itertools.count(2))):
         if os.path.isfile(candidate) or Checkpointer(candidate).foreign_entries():
             continue

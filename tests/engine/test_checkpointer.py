@@ -199,4 +199,5 @@ def test_a_damaged_train_state_is_named_in_one_sentence(tmp_path, content, reaso
     (tmp_path / 'iter_4' / 'train_state.json').write_text(content)
     with pytest.raises(CheckpointError) as refused:
         read_train_state(str(tmp_path / 'iter_4'))
-    assert str(refused.value) == f"{tmp_path / 'iter_4' / 'train_state.json'} is not a checkpoint's train state: {reason}"
+    state_file = tmp_path / 'iter_4' / 'train_state.json'
+    assert str(refused.value) == f"{state_file} is not a checkpoint's train state: {reason}"

@@ -126,8 +126,9 @@ def test_new_run_trains_beside_the_earlier_run_and_prunes_only_its_own(tiny_conf
 
 
 def test_new_run_and_resume_model_are_refused_together():
-    with pytest.raises(UserError, match='--new_run starts a new run and --resume_model continues one: give one of them'):
+    with pytest.raises(UserError) as refused:
         run_tool_in_process('train.py', '--config', 'unread.yml', '--new_run', '--resume_model', 'latest')
+    assert str(refused.value) == '--new_run starts a new run and --resume_model continues one: give one of them'
 
 
 def test_a_resumed_run_continues_its_run_id_and_prunes_only_that_runs_checkpoints(tiny_config, tmp_path):
