@@ -4,10 +4,10 @@ import os
 
 from cli import (add_device_flag, add_paddleseg_train_flags, add_verbose_flag, flags_without_effect,
                  load_config_from_args, positive_int, run_cli, set_device)
-from emanet.config import save_config
-from emanet.engine.checkpointer import Checkpointer
-from emanet.engine.hooks import default_hooks
+from emanet.engine.checkpointer import Checkpointer, folder_for_new_run
+from emanet.engine.hooks import ConfigFile, default_hooks
 from emanet.engine.trainer import train
+from emanet.errors import InvalidInput
 from emanet.logger import ignore_warnings, logger
 from emanet.segmenter import InferenceOptions
 
@@ -27,6 +27,10 @@ def parse_args(argv=None):
                         help='with --use_vdl --do_eval: at each evaluation, pictures of the EM unit\'s attention '
                              'on the first val images in VisualDL')
     parser.add_argument('--resume_model', help="an iter_N checkpoint folder to continue from, or 'latest'")
+    parser.add_argument('--new_run', action='store_true',
+                        help="start a new run beside the checkpoints of an earlier one in --save_dir: in the first "
+                             "of <save_dir>-2, <save_dir>-3, ... that holds none (without it, such a --save_dir "
+                             "is refused)")
     parser.add_argument('--iters', type=positive_int, help='override the config: total iterations')
     parser.add_argument('--batch_size', type=positive_int, help='override the config: images per process')
     parser.add_argument('--learning_rate', type=float, help='override the config: base learning rate')
@@ -52,12 +56,16 @@ def parse_args(argv=None):
 def main(args):
     for note in flags_without_effect(args):
         logger.warning(note)
+    if args.new_run and args.resume_model:
+        raise InvalidInput("--new_run starts a new run and --resume_model continues one: give one of them")
     cfg = load_config_from_args(args)
-    save_config(cfg, os.path.join(args.save_dir, 'config.yml'))
-    hooks = default_hooks(args.save_dir, log_iters=args.log_iters, do_eval=args.do_eval,
-                          eval_options=InferenceOptions.from_config(cfg.test_config), use_vdl=args.use_vdl,
-                          log_attention=args.log_attention)
-    checkpointer = Checkpointer(args.save_dir, keep=args.keep_checkpoint_max, safetensors=args.save_safetensors)
+    save_dir = folder_for_new_run(args.save_dir) if args.new_run else args.save_dir
+    # Nothing is written into save_dir before train() has checked it holds no other run's checkpoints.
+    hooks = [ConfigFile(os.path.join(save_dir, 'config.yml')),
+             *default_hooks(save_dir, log_iters=args.log_iters, do_eval=args.do_eval,
+                            eval_options=InferenceOptions.from_config(cfg.test_config), use_vdl=args.use_vdl,
+                            log_attention=args.log_attention)]
+    checkpointer = Checkpointer(save_dir, keep=args.keep_checkpoint_max, safetensors=args.save_safetensors)
     set_device(args.device)  # with the CPU allocator tuned (the library leaves it alone)
     with ignore_warnings(BATCH_NORM_NOTE):
         return train(cfg, hooks=hooks, checkpointer=checkpointer, resume_model=args.resume_model,

@@ -17,6 +17,7 @@ passing it in ``hooks``. ``default_hooks`` gives the list tools/train.py's flags
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from emanet.config import save_config
 from emanet.engine.attention import log_attention_pictures
 from emanet.engine.evaluate import evaluate
 from emanet.engine.inference import ModelSegmenter
@@ -116,6 +117,17 @@ class TrainLog(HookBase):
                         format_eta(batch_cost * (run.total_iters - run.iteration)))
         run.scalars.update({'Train/loss': loss, 'Train/lr': run.lr, 'Train/batch_cost': batch_cost})
         self._start_window()
+
+
+class ConfigFile(HookBase):
+    """Write the config as loaded to ``path`` when training starts, so only once the save_dir is checked.
+    Every process writes it (renaming it into place), so that each machine of a run has it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def before_train(self, run):
+        save_config(run.cfg, self.path)
 
 
 class Evaluation(HookBase):

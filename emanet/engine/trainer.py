@@ -17,7 +17,7 @@ import paddle.distributed as dist
 
 from emanet.config import Builder
 from emanet.data.loading import ResumableBatchSampler, TrainSamples, collate_train, running_loader
-from emanet.engine.checkpointer import Checkpointer, data_order_settings, read_train_state
+from emanet.engine.checkpointer import Checkpointer, data_order_settings
 from emanet.engine.distributed import (average_batch_norm_statistics, average_gradients, data_parallel,
                                        wait_for_peers)
 from emanet.engine.hooks import NO_BEST, TrainingRun, TrainLog
@@ -74,7 +74,9 @@ def train(cfg, save_dir=None, hooks=None, checkpointer=None, resume_model=None, 
 
     Every ``save_interval`` iterations and at the last one, ``checkpointer`` writes ``iter_N``
     (by default ``Checkpointer(save_dir)``: in save_dir, 'output' if not given, keeping the newest 5);
-    ``resume_model`` is such a folder, or 'latest'. Without a ``seed`` a random one is drawn (and saved).
+    ``resume_model`` is such a folder, or 'latest'; the run continues that checkpoint's run. A new run
+    into a save_dir holding another run's checkpoints is refused before any work, in one sentence
+    (``Checkpointer.start_run``). Without a ``seed`` a random one is drawn (and saved).
     Everything besides the optimization comes from ``hooks`` (``emanet.engine.hooks``; by default the
     [TRAIN] line every 10 iterations; ``default_hooks`` adds evaluation, best_model/ and VisualDL).
     """
@@ -82,8 +84,7 @@ def train(cfg, save_dir=None, hooks=None, checkpointer=None, resume_model=None, 
     hooks = [TrainLog()] if hooks is None else list(hooks)
     device = set_device(device)
     autocast, use_scaler = amp_settings(precision, device, amp_level)
-    resume_folder = checkpointer.resolve(resume_model)
-    saved = read_train_state(resume_folder) if resume_folder else {}
+    resume_folder, saved = checkpointer.start_run(resume_model, iters=cfg.iters, save_interval=save_interval)
     seed = seed_everything(saved, seed)  # before the model is built, so a seed fixes the initial weights too
     run, loader = prepare_run(cfg, checkpointer, seed, saved, autocast, use_scaler, num_workers)
     if resume_folder:  # into the float32 model, before any O2 cast; the master weights come with the optimizer

@@ -1,5 +1,6 @@
-"""The Checkpointer: keeps the newest N iterations and best_model/, finds the newest complete checkpoint,
-survives a crash in the middle of a save, and resumes a run where it stopped."""
+"""The Checkpointer: keeps the newest N iterations and best_model/ of its own run, finds the newest complete
+checkpoint, survives a crash in the middle of a save, and resumes a run where it stopped."""
+import json
 import os
 
 import numpy as np
@@ -7,6 +8,7 @@ import paddle
 import pytest
 
 import emanet.engine.checkpointer as checkpointer
+from emanet.checkpoint import CheckpointError
 from emanet.engine.checkpointer import Checkpointer, read_train_state
 
 
@@ -40,6 +42,30 @@ def test_keep_n_removes_the_oldest_iterations_and_never_best_model(tmp_path):
     for iteration in (1, 2, 3, 4):
         saver.save(iteration, model, optimizer, state(iteration))
     assert sorted(os.listdir(tmp_path)) == ['best_model', 'iter_3', 'iter_4']
+
+
+def test_keep_n_removes_only_this_runs_iterations_never_a_folder_named_like_one(tmp_path):
+    model, optimizer = training_objects()
+    Checkpointer(tmp_path, keep=0).save(400, model, optimizer, state(400))  # another run's checkpoint
+    (tmp_path / 'iter_500').mkdir()  # the user's own folder
+    (tmp_path / 'iter_500' / 'notes.txt').write_text('mine')
+    others = {name: folder_contents(tmp_path / name) for name in ('iter_400', 'iter_500')}
+    saver = Checkpointer(tmp_path, keep=2)
+    for iteration in (1, 2, 3, 4):
+        saver.save(iteration, model, optimizer, state(iteration))
+    assert sorted(os.listdir(tmp_path)) == ['iter_3', 'iter_4', 'iter_400', 'iter_500']
+    assert {name: folder_contents(tmp_path / name) for name in others} == others
+
+
+def test_best_model_of_another_run_is_never_replaced(tmp_path):
+    model, optimizer = training_objects()
+    Checkpointer(tmp_path).save_best(model, optimizer, state(2))
+    before = folder_contents(tmp_path / 'best_model')
+    one_step(model, optimizer)
+    with pytest.raises(CheckpointError) as refused:
+        Checkpointer(tmp_path).save_best(model, optimizer, state(4))
+    assert str(refused.value) == f"{tmp_path / 'best_model'} was written by another run: this run does not replace it"
+    assert folder_contents(tmp_path / 'best_model') == before
 
 
 def test_keep_zero_keeps_every_iteration(tmp_path):
@@ -147,3 +173,31 @@ def test_resume_restores_weights_and_optimizer_and_says_when_the_data_order_chan
     assert f"Resumed from {tmp_path / 'iter_3'}: continuing at iteration 4" in log_lines
     assert (f"Resuming with other settings than {tmp_path / 'iter_3'} was made with (batch_size 2 -> 1): "
             "training continues, but not bitwise as the uninterrupted run would have") in log_lines
+
+
+def test_resume_latest_continues_the_run_of_the_newest_checkpoint_under_its_run_id(tmp_path):
+    model, optimizer = training_objects()
+    earlier, newer = Checkpointer(tmp_path, keep=0), Checkpointer(tmp_path, keep=0)
+    earlier.save(2, model, optimizer, state(2))
+    newer.save(5, model, optimizer, state(5))
+    resumed = Checkpointer(tmp_path, keep=1)
+    folder, saved = resumed.start_run('latest')
+    assert (folder, saved['iter'], resumed.run_id) == (str(tmp_path / 'iter_5'), 5, newer.run_id)
+    resumed.save(6, model, optimizer, state(6))
+    assert sorted(os.listdir(tmp_path)) == ['iter_2', 'iter_6']  # its run's iter_5 pruned, the other run's kept
+
+
+@pytest.mark.parametrize('content, reason', [
+    ('{"iter": 4, "se', "it is truncated or not JSON"),
+    ('[4]', "it holds a list, not a mapping"),
+    ('{"seed": 0}', "it has no whole-number 'iter'"),
+    ('{"iter": "4", "seed": 0}', "it has no whole-number 'iter'"),
+    ('{"iter": 4, "seed": 0, "run_id": "../../elsewhere"}', "its 'run_id' is not 32 hexadecimal digits"),
+])
+def test_a_damaged_train_state_is_named_in_one_sentence(tmp_path, content, reason):
+    (tmp_path / 'iter_4').mkdir()
+    (tmp_path / 'iter_4' / 'train_state.json').write_text(content)
+    with pytest.raises(CheckpointError) as refused:
+        read_train_state(str(tmp_path / 'iter_4'))
+    state_file = tmp_path / 'iter_4' / 'train_state.json'
+    assert str(refused.value) == f"{state_file} is not a checkpoint's train state: {reason}"

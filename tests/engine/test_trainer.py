@@ -1,6 +1,9 @@
-"""The training loop: checkpoints, exact resume, divergence, precision (data parallelism: tests/test_distributed.py)."""
+"""The training loop: checkpoints, exact resume, a run's ownership of its save_dir, divergence, precision
+(data parallelism: tests/test_distributed.py)."""
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,12 +12,14 @@ import paddle
 import pytest
 from paddleseg.cvlibs import manager
 
-from conftest import CONFIG, TOOLS
-from emanet.checkpoint import read_state
+import emanet.engine.trainer as trainer
+from conftest import CONFIG, TOOLS, run_tool_in_process
+from emanet.checkpoint import CheckpointError, read_state
 from emanet.config import load_config
 from emanet.engine.checkpointer import Checkpointer
 from emanet.engine.hooks import default_hooks
 from emanet.engine.trainer import TrainingDiverged, train
+from emanet.errors import UserError
 
 
 def weights_and_optimizer(folder):
@@ -57,6 +62,141 @@ def test_resume_latest_picks_the_newest_complete_checkpoint(tiny_config, tmp_pat
     cfg = load_config(tiny_config(), iters=8)
     train(cfg, save_dir=str(out), resume_model='latest', save_interval=4)
     assert json.loads((out / 'iter_8' / 'train_state.json').read_text())['iter'] == 8
+
+
+def file_hashes(folder):
+    """Every folder and file under ``folder`` by relative path, with the SHA-256 of each file's bytes."""
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else 'folder'
+            for path in sorted(folder.rglob('*'))}
+
+
+def run_ids(folder, names):
+    return [json.loads((folder / name / 'train_state.json').read_text()).get('run_id') for name in names]
+
+
+@pytest.fixture
+def earlier_run(tiny_config, tmp_path):
+    """The save_dir of an earlier run that evaluated: best_model/ and iter_2."""
+    out = tmp_path / 'out'
+    train(load_config(tiny_config(), iters=2), save_dir=str(out), save_interval=2, seed=0,
+          hooks=default_hooks(str(out), do_eval=True))
+    assert sorted(os.listdir(out)) == ['best_model', 'iter_2']
+    return out
+
+
+def refusal(save_dir, names):
+    return (f"--save_dir {save_dir} holds another run's checkpoints ({names}): continue that run with "
+            "--resume_model latest, train into another --save_dir, or start a new run beside it with --new_run")
+
+
+def test_a_fresh_run_into_a_folder_holding_another_runs_checkpoints_is_refused_before_any_work(
+        tiny_config, earlier_run, monkeypatch):
+    before = file_hashes(earlier_run)
+
+    def building_the_model(cfg):
+        raise AssertionError('the model was built before the save_dir was checked')
+    monkeypatch.setattr(trainer, 'Builder', building_the_model)
+    with pytest.raises(UserError) as refused:
+        train(load_config(tiny_config()), save_dir=str(earlier_run), save_interval=2, seed=1,
+              hooks=default_hooks(str(earlier_run), do_eval=True))
+    assert str(refused.value) == refusal(earlier_run, 'best_model, iter_2')
+    assert file_hashes(earlier_run) == before
+
+
+def test_the_training_tool_refuses_such_a_folder_before_writing_its_config(tiny_config, earlier_run):
+    before = file_hashes(earlier_run)
+    with pytest.raises(UserError) as refused:
+        run_tool_in_process('train.py', '--config', tiny_config(), '--save_dir', earlier_run, '--do_eval',
+                            '--iters', 4, '--save_interval', 2, '--seed', 1)
+    assert str(refused.value) == refusal(earlier_run, 'best_model, iter_2')
+    assert file_hashes(earlier_run) == before  # no config.yml either
+
+
+def test_new_run_trains_beside_the_earlier_run_and_prunes_only_its_own(tiny_config, earlier_run):
+    before = file_hashes(earlier_run)
+    taken = earlier_run.parent / 'out-2'
+    (taken / 'iter_1').mkdir(parents=True)
+    log = run_tool_in_process('train.py', '--config', tiny_config(), '--save_dir', earlier_run, '--new_run',
+                              '--iters', 4, '--save_interval', 1, '--keep_checkpoint_max', 2, '--seed', 1)
+    new = earlier_run.parent / 'out-3'
+    assert f"[INFO] --new_run: {earlier_run} holds another run's checkpoints; this run trains into {new}" in log
+    assert sorted(os.listdir(new)) == ['config.yml', 'iter_3', 'iter_4']
+    assert file_hashes(earlier_run) == before
+    assert os.listdir(taken) == ['iter_1']
+
+
+def test_new_run_and_resume_model_are_refused_together():
+    with pytest.raises(UserError) as refused:
+        run_tool_in_process('train.py', '--config', 'unread.yml', '--new_run', '--resume_model', 'latest')
+    assert str(refused.value) == '--new_run starts a new run and --resume_model continues one: give one of them'
+
+
+def test_a_resumed_run_continues_its_run_id_and_prunes_only_that_runs_checkpoints(tiny_config, tmp_path):
+    out = tmp_path / 'out'
+    train(load_config(tiny_config(), iters=4), checkpointer=Checkpointer(out, keep=0), save_interval=1, seed=0)
+    (out / 'iter_500').mkdir()  # the user's own folder
+    (out / 'iter_500' / 'notes.txt').write_text('mine')
+    shutil.copytree(out / 'iter_1', out / 'iter_400')  # another run's checkpoint
+    state = json.loads((out / 'iter_400' / 'train_state.json').read_text())
+    (out / 'iter_400' / 'train_state.json').write_text(json.dumps(dict(state, iter=400, run_id='f' * 32)))
+    others = {name: file_hashes(out / name) for name in ('iter_400', 'iter_500')}
+    run_id, = run_ids(out, ['iter_2'])
+
+    train(load_config(tiny_config(), iters=6), checkpointer=Checkpointer(out, keep=2), save_interval=1,
+          resume_model=str(out / 'iter_2'))
+    assert sorted(os.listdir(out)) == ['iter_400', 'iter_5', 'iter_500', 'iter_6']
+    assert {name: file_hashes(out / name) for name in others} == others
+    assert run_ids(out, ['iter_5', 'iter_6']) == [run_id, run_id]
+
+
+def test_resuming_a_checkpoint_without_run_id_starts_a_run_that_leaves_the_old_folders(tiny_config, tmp_path,
+                                                                                     log_lines):
+    out = tmp_path / 'out'
+    train(load_config(tiny_config(), iters=4), checkpointer=Checkpointer(out, keep=0), save_interval=1, seed=0)
+    for iteration in (1, 2, 3, 4):  # as an earlier release wrote them
+        state_file = out / f'iter_{iteration}' / 'train_state.json'
+        state_file.write_text(json.dumps({key: value for key, value in json.loads(state_file.read_text()).items()
+                                          if key != 'run_id'}))
+    old = file_hashes(out)
+    train(load_config(tiny_config(), iters=6), checkpointer=Checkpointer(out, keep=1), save_interval=1,
+          resume_model='latest')
+    assert sorted(os.listdir(out)) == ['iter_1', 'iter_2', 'iter_3', 'iter_4', 'iter_6']
+    assert {name: digest for name, digest in file_hashes(out).items() if not name.startswith('iter_6')} == old
+    new_run_id, = run_ids(out, ['iter_6'])
+    assert (f"{out / 'iter_4'} records no run id (an earlier release wrote it): this run continues it as run "
+            f"{new_run_id} and never deletes the folders without one") in log_lines
+
+
+def test_a_resumed_run_refuses_a_save_dir_holding_another_runs_best_model(tiny_config, earlier_run, tmp_path):
+    mine = tmp_path / 'mine'
+    train(load_config(tiny_config(), iters=2), save_dir=str(mine), save_interval=2, seed=0)
+    before = file_hashes(earlier_run)
+    with pytest.raises(UserError) as refused:
+        train(load_config(tiny_config(), iters=4), save_dir=str(earlier_run), save_interval=2,
+              resume_model=str(mine / 'iter_2'), hooks=default_hooks(str(earlier_run), do_eval=True))
+    assert str(refused.value) == (
+        f"--save_dir {earlier_run} holds best_model that another run wrote and this run could write over: "
+        "move it away or resume into another --save_dir")
+    assert file_hashes(earlier_run) == before
+
+
+@pytest.mark.parametrize('resume_model', [None, 'latest'])
+def test_a_folder_merely_named_like_a_checkpoint_is_refused_in_one_sentence(tiny_config, tmp_path, resume_model):
+    out = tmp_path / 'out'
+    (out / 'iter_\u00b2').mkdir(parents=True)  # str.isdigit() says yes, int() says no
+    with pytest.raises(UserError) as refused:
+        train(load_config(tiny_config(), iters=2), save_dir=str(out), resume_model=resume_model, seed=0)
+    assert str(refused.value) == refusal(out, 'iter_\u00b2')
+
+
+def test_resume_latest_names_a_truncated_train_state(tiny_config, tmp_path):
+    out = tmp_path / 'out'
+    train(load_config(tiny_config(), iters=2), save_dir=str(out), save_interval=2, seed=0)
+    state_file = out / 'iter_2' / 'train_state.json'
+    state_file.write_text(state_file.read_text()[:20])
+    with pytest.raises(CheckpointError) as refused:
+        train(load_config(tiny_config(), iters=4), save_dir=str(out), resume_model='latest')
+    assert str(refused.value) == f"{state_file} is not a checkpoint's train state: it is truncated or not JSON"
 
 
 class NaNAfterTwoCalls(paddle.nn.Layer):
