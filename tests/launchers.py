@@ -17,13 +17,21 @@ UNCLEAN = ('Traceback', 'FatalError', 'terminate called')
 
 
 def launch(log_dir, script, *args, env=None, timeout=300):
-    """One launcher with two processes; (exit code, seconds, launcher console, worker logs)."""
+    """One launcher with two processes; (exit code, seconds, launcher console, worker logs).
+
+    A launch still running after ``timeout`` seconds raises subprocess.TimeoutExpired, once it and its
+    processes are killed (the processes run in sessions of their own: killing the launcher leaves them running).
+    """
     start = time.time()
-    result = subprocess.run([sys.executable, '-m', 'paddle.distributed.launch', '--nproc_per_node', '2',
-                             '--log_dir', str(log_dir), script, *map(str, args)],
-                            capture_output=True, text=True, timeout=timeout, env=env)
+    launcher = subprocess.Popen([sys.executable, '-m', 'paddle.distributed.launch', '--nproc_per_node', '2',
+                                 '--log_dir', str(log_dir), script, *map(str, args)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        console, _ = launcher.communicate(timeout=timeout)
+    finally:
+        stop_all([launcher])
     logs = {path.name: path.read_text() for path in sorted(log_dir.glob('workerlog.*'))}
-    return result.returncode, time.time() - start, result.stdout + result.stderr, logs
+    return launcher.returncode, time.time() - start, console, logs
 
 
 def free_port():

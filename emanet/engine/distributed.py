@@ -12,7 +12,9 @@ as is one that arrives at a collective 30 seconds after the others. So here:
 - ``stop_together`` gives every process a watch, a thread keeping in touch with the others through
   the TCP store the launched processes met through (process 0 holds it): one process's error or
   SIGTERM ends every process within seconds, each with one sentence naming the process that
-  stopped and why; a frozen process ends the others after SILENCE_SECONDS, saying so;
+  stopped and why; a frozen process ends the others after SILENCE_SECONDS, saying so. A watch that
+  cannot reach the store says so once and the run goes on without it: a watch's own trouble never
+  stops or holds up a run;
 - on CPU the gradients are averaged after the backward pass, not inside it (``data_parallel``);
 - processes that may arrive far apart meet through the store first (``wait_for_peers``).
 """
@@ -21,6 +23,7 @@ import itertools
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -33,6 +36,7 @@ from paddle.base import core
 from paddle.distributed.fleet.utils.hybrid_parallel_util import fused_allreduce_gradients
 
 from emanet.errors import UserError
+from emanet.logger import logger
 
 # Layers with running statistics (_mean, _variance): BatchNorm1D/2D/3D, SyncBatchNorm and the older BatchNorm.
 BATCH_NORMS = (nn.layer.norm._BatchNormBase, nn.BatchNorm)
@@ -48,6 +52,14 @@ ANNOUNCE_SECONDS = 2
 SILENCE_SECONDS = 20
 # How often a watch reads the others' beats.
 SILENCE_CHECK_SECONDS = 2
+# How long a watch may take, once its process has joined the others, to connect to the store and have
+# its first answer; after that it gives up, says so, and the run goes on without it. Paddle's own connect
+# retries every 3 seconds without end, so the watch's guard keeps this deadline.
+CONNECT_SECONDS = 10
+# A process whose watch has not beaten this long after this one's joined is taken for one whose watch gave
+# up: not waited for at meetings, not watched for silence. The processes join within about a second of
+# each other (init_parallel_env is itself a meeting), and a watch gives up after CONNECT_SECONDS.
+JOIN_SECONDS = 2 * CONNECT_SECONDS
 # The exit code of a process ended because another one stopped: the tools' code for errors a user can act on.
 EXIT_CODE = 2
 
@@ -180,10 +192,14 @@ def stop_together():
 def store_address():
     """(host, port) of the TCP store the processes of paddle.distributed.launch meet through, or None.
 
-    Read as ``paddle.distributed.init_parallel_env`` reads it: MASTER_ADDR and MASTER_PORT, else PADDLE_MASTER.
+    Where Paddle 3.3.1's processes meet: PADDLE_MASTER, which the launcher sets, else the first of
+    PADDLE_TRAINER_ENDPOINTS (core.create_or_get_global_tcp_store, in C++). MASTER_ADDR and MASTER_PORT,
+    which schedulers and PyTorch set-ups export, are not read: the launcher passes them through untouched,
+    and init_parallel_env reads them into variables it never uses, meeting at PADDLE_MASTER whatever they say.
+    Paddle's own store object (paddle.distributed.collective._default_store) is not shared: its client is
+    one socket without a lock, which calls from the watch's thread would interleave with the main thread's.
     """
-    host, port = os.environ.get('MASTER_ADDR'), os.environ.get('MASTER_PORT')
-    endpoint = f'{host}:{port}' if host and port else os.environ.get('PADDLE_MASTER', '')
+    endpoint = os.environ.get('PADDLE_MASTER') or os.environ.get('PADDLE_TRAINER_ENDPOINTS', '').split(',')[0]
     host, _, port = endpoint.rpartition(':')
     return (host, int(port)) if host and port.isdigit() else None
 
@@ -223,6 +239,9 @@ class PeerWatch:
     The watch ends the process itself, with one ``error:`` line on stderr and exit code 2, when
     another process failed, went silent, or the store went away or silent: by then the main
     thread may be blocked in a collective that can only end in gloo's error or an abort.
+    A watch that has not connected and heard back within CONNECT_SECONDS gives up instead, with one
+    warning: it never had the store, so its silence says nothing about the others. Processes whose
+    watches never beat are left out of the meetings and of the silence checks.
 
     Keys under ``prefix``: beat/R (counts up while process R is alive), reason/R and failed/R
     (why R stopped, once set), failed (how many stopped), read (how many read it), meeting/K
@@ -236,7 +255,11 @@ class PeerWatch:
         self._pid = os.getpid()
         self._ending = threading.Lock()  # taken once, by the thread that decides how this process ends
         self._closed = threading.Event()
-        self._connected = threading.Event()
+        self._connected = threading.Event()  # the store has answered this watch once
+        self._gave_up = threading.Event()
+        self._giving_up = threading.Lock()  # taken once, by the thread that says the watch gives up
+        self._joined_at = None  # when this process had joined the others, from which CONNECT_SECONDS count
+        self._without_watch = set()  # processes whose watch never beat within JOIN_SECONDS
         self._last_contact = time.monotonic()
         self._reason = None  # why this process stops, for the talking thread to publish
         self._published = False
@@ -261,8 +284,8 @@ class PeerWatch:
     def announce(self, reason):
         """Tell the others why this process stops (the caller holds the ending) and wait at most
         ANNOUNCE_SECONDS for them to have read it."""
-        if not dist.is_initialized() or not self._connected.wait(ANNOUNCE_SECONDS):
-            return  # not joined yet: nobody to tell
+        if self._gave_up.is_set() or not dist.is_initialized() or not self._connected.wait(ANNOUNCE_SECONDS):
+            return  # not joined yet, or no store: nobody to tell
         self._reason = reason
         self._reason_read.wait(ANNOUNCE_SECONDS)
 
@@ -292,7 +315,9 @@ class PeerWatch:
     def _wait_for(self, key):
         everyone = threading.Event()
         self._meeting = [self._key(key), False, everyone]
-        everyone.wait()  # the watch ends the process if the others never come
+        while not everyone.wait(POLL_SECONDS):  # the watch ends the process if the others never come
+            if self._gave_up.is_set():
+                return
 
     def _key(self, *parts):
         return '/'.join((self._prefix, *map(str, parts)))
@@ -301,21 +326,28 @@ class PeerWatch:
         while not dist.is_initialized():  # the store exists once this process has joined the others
             if self._closed.wait(POLL_SECONDS):
                 return
+        self._joined_at = time.monotonic()
+        try:
+            self._connect()
+        except Exception as err:
+            self._give_up(f"cannot connect to the store at {self._endpoint()} ({reason_of(err)})")
+            return
         heard = {}  # other process -> (its beat count, when that count last changed)
         next_silence_check = time.monotonic() + SILENCE_CHECK_SECONDS
         while not self._closed.is_set():
             self._last_contact = time.monotonic()
             try:
-                if self._store is None:
-                    self._store = core.TCPStore(*self._address, False, 0)
-                    self._connected.set()
                 if self._exchange():
                     return
+                self._connected.set()
                 if time.monotonic() >= next_silence_check:
                     self._check_silence(heard)
                     next_silence_check = time.monotonic() + SILENCE_CHECK_SECONDS
             except Exception:  # the store is gone: process 0, which held it, stopped
                 if self._closed.is_set():
+                    return
+                if not self._connected.is_set():
+                    self._give_up(f"the store at {self._endpoint()} accepted the connection, then closed it")
                     return
                 if self._published:
                     self._reason_read.set()  # process 0 ends only once it has read the reason, or dies
@@ -323,11 +355,33 @@ class PeerWatch:
                           "meet through: it stopped, or its machine or the network went down")
             self._closed.wait(POLL_SECONDS)
 
+    def _connect(self):
+        # Paddle's connect retries every 3 seconds without end, printing each try: a port where nothing
+        # listens is turned down here at once instead.
+        socket.create_connection(self._address, timeout=CONNECT_SECONDS).close()
+        self._store = core.TCPStore(*self._address, False, 0)
+
+    def _endpoint(self):
+        return '%s:%d' % self._address
+
     def _guard(self):
         while not self._closed.wait(1):
-            if self._connected.is_set() and time.monotonic() - self._last_contact > SILENCE_SECONDS:
-                self._end(f"no answer for {SILENCE_SECONDS} seconds from process 0 of {self.world_size}, which holds "
-                          "the store the processes meet through: it hangs, or its machine or the network went down")
+            if self._connected.is_set():
+                if time.monotonic() - self._last_contact > SILENCE_SECONDS:
+                    self._end(f"no answer for {SILENCE_SECONDS} seconds from process 0 of {self.world_size}, which "
+                              "holds the store the processes meet through: it hangs, or its machine or the network "
+                              "went down")
+            elif self._joined_at is not None and time.monotonic() - self._joined_at > CONNECT_SECONDS:
+                self._give_up(f"no answer from the store at {self._endpoint()} within {CONNECT_SECONDS} seconds")
+
+    def _give_up(self, why):
+        """Stop watching, with one warning, when the store could not be reached: the run goes on without the watch."""
+        if not self._giving_up.acquire(blocking=False) or self._connected.is_set():
+            return
+        self._gave_up.set()
+        self._closed.set()  # a talking thread still stuck in a call to the store ends when the call returns
+        logger.warning("peer watch of process %d of %d off: %s; the run goes on, but if a process fails the others "
+                       "cannot be told why", self.rank, self.world_size, why)
 
     def _exchange(self):
         """One round of news with the other processes; True once this process has left the run."""
@@ -340,11 +394,15 @@ class PeerWatch:
             self._published = True
         failed = store.add(self._key('failed'), 0)
         if self._published:
-            if store.add(self._key('read'), 0) + failed >= self.world_size:
+            if store.add(self._key('read'), 0) + failed >= self._watched_count():
                 self._reason_read.set()
         elif failed:
             self._end_for_failed_peer()
         return self._meeting is not None and self._attend_meeting()
+
+    def _watched_count(self):
+        """How many processes meetings wait for: all but those whose watch never joined (JOIN_SECONDS)."""
+        return self.world_size - len(self._without_watch)
 
     def _attend_meeting(self):
         """Arrive at the pending meeting and see whether everyone has; True once this process has left."""
@@ -359,7 +417,7 @@ class PeerWatch:
             self._closed.set()  # this watch calls the store no more, so process 0 may go
             everyone.set()
             return True
-        if self._store.add(key, 0) >= self.world_size:
+        if self._store.add(key, 0) >= self._watched_count():
             self._meeting = None
             if leaving:
                 self._closed.set()
@@ -379,6 +437,11 @@ class PeerWatch:
             if peer == self.rank or self._store.add(self._key('left', peer), 0):
                 continue
             beats = self._store.add(self._key('beat', peer), 0)
+            if beats == 0:  # its watch has not joined: it may have given up, and says so itself
+                if now - self._joined_at > JOIN_SECONDS:
+                    self._without_watch.add(peer)
+                continue
+            self._without_watch.discard(peer)
             if heard.get(peer, (None,))[0] != beats:
                 heard[peer] = (beats, now)
             elif now - heard[peer][1] > SILENCE_SECONDS:
