@@ -7,6 +7,7 @@ code at all; ``convert_to_safetensors`` turns a released .pdparams into one.
 """
 import json
 import logging
+import numbers
 import os
 import struct
 
@@ -221,29 +222,39 @@ def upgrade_legacy_keys(state, source=''):
 def load_weights(model, path, strict=True):
     """Load weights from a local file or URL into ``model``.
 
-    With ``strict`` every key must match by name and shape, else one ``CheckpointError``
-    lists what is missing, unexpected, or of another shape. Without it, matching keys
+    With ``strict`` every key must match by name, shape and type, else one ``CheckpointError``
+    lists what is missing, unexpected, or of another shape or type. Without it, matching keys
     load and the rest are reported as a warning (for fine-tuning on other classes).
     """
     state = upgrade_legacy_keys(read_state(weights_path(path)), source=path)
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k}: checkpoint holds a {type(state[k]).__name__}, not an array" if not _is_array(state[k])
-                  else f"{k}: checkpoint {list(np.shape(state[k]))} vs model {list(expected[k].shape)}"
-                  for k in expected if k in state
-                  and (not _is_array(state[k]) or list(np.shape(state[k])) != list(expected[k].shape))]
-    problems = _describe(missing, unexpected, mismatched)
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    other_shapes, other_types, fitting = [], [], {}
+    for key, tensor in expected.items():
+        if key not in state:
+            continue
+        value = state[key]
+        if not _is_array(value):
+            other_shapes.append(f"{key}: checkpoint holds a {type(value).__name__}, not an array")
+        elif list(np.shape(value)) != list(tensor.shape):
+            other_shapes.append(f"{key}: checkpoint {list(np.shape(value))} vs model {list(tensor.shape)}")
+        else:
+            loadable = _in_dtype_of(value, tensor)
+            if loadable.dtype == _numpy_dtype(tensor):
+                fitting[key] = loadable
+            else:
+                other_types.append(f"{key}: checkpoint {loadable.dtype.name} vs model {_dtype_name(tensor)}")
+    problems = _describe(missing=missing, unexpected=unexpected, shape_mismatch=other_shapes,
+                         type_mismatch=other_types)
     if problems and strict:
         raise CheckpointError(f"{path} does not fit {model.__class__.__name__}: {problems}")
-    bad = set(missing) | set(k.split(':')[0] for k in mismatched)
-    matching = {k: state[k] for k in expected if k not in bad}
-    if not matching:
+    if not fitting:
         raise CheckpointError(f"{path}: no weight fits {model.__class__.__name__} ({problems})")
     if problems:
         logger.warning("%s: loading the matching weights only; %s", path, problems)
-    model.set_state_dict({k: _in_dtype_of(v, expected[k]) for k, v in matching.items()})
-    logger.info("Loaded %d/%d weights of %s from %s", len(matching), len(expected),
+    model.set_state_dict(fitting)
+    logger.info("Loaded %d/%d weights of %s from %s", len(fitting), len(expected),
                 model.__class__.__name__, path)
     return model
 
@@ -252,9 +263,20 @@ def _is_array(value):
     return isinstance(value, (np.ndarray, np.generic))
 
 
+def _dtype_name(tensor):
+    return str(tensor.dtype).replace('paddle.', '')
+
+
+def _numpy_dtype(tensor):
+    """The numpy dtype Paddle's set_state_dict takes for ``tensor``: its own (bfloat16 as its bits in uint16)."""
+    name = _dtype_name(tensor)
+    return np.dtype('uint16' if name == 'bfloat16' else name)
+
+
 def _in_dtype_of(value, tensor):
     """``value`` in ``tensor``'s float32/float64 dtype: half-precision checkpoints (as AMP O2 may
-    write them) load into a float32 model without loss, which Paddle's set_state_dict refuses."""
+    write them) load into a float32 model without loss, which Paddle's set_state_dict refuses.
+    Other values are returned as they are; Paddle takes only its tensors' own dtypes."""
     target = {paddle.float32: np.float32, paddle.float64: np.float64}.get(tensor.dtype)
     value = np.asarray(value)
     if target is None or value.dtype == target:
@@ -266,35 +288,50 @@ def _in_dtype_of(value, tensor):
     return value
 
 
-def _describe(missing, unexpected, mismatched, limit=8):
+def _describe(limit=8, **keys_by_problem):
+    """'missing: a, b; shape mismatch: c: ...', each key shortened: a file's keys may be of any length or type."""
     parts = []
-    for label, keys in (('missing', missing), ('unexpected', unexpected), ('shape mismatch', mismatched)):
+    for problem, keys in keys_by_problem.items():
         if keys:
-            shown = ', '.join(keys[:limit]) + (f' ... ({len(keys)} in all)' if len(keys) > limit else '')
-            parts.append(f"{label}: {shown}")
+            shown = [key if isinstance(key, str) else repr(key) for key in keys[:limit]]
+            shown = ', '.join(short_text(key, 200) for key in shown)
+            parts.append(f"{problem.replace('_', ' ')}: {shown}"
+                         + (f' ... ({len(keys)} in all)' if len(keys) > limit else ''))
     return '; '.join(parts)
-
 
 
 # Where an optimizer keeps the float32 copies of half-precision parameters (AMP O2), by parameter name.
 MASTER_WEIGHTS_KEY = 'master_weights'
+# Where it keeps the state of its learning-rate schedule.
+SCHEDULE_KEY = 'LR_Scheduler'
 
 
 def _rename_accumulators(state, renames):
     """Rename optimizer keys '<param name>_<accumulator>' and master weights by the param-name mapping ``renames``."""
+    longest = max(map(len, renames), default=0)
     renamed = {}
     for key, value in state.items():
         if key == MASTER_WEIGHTS_KEY:
             renamed[key] = {renames.get(name, name): weight for name, weight in value.items()}
-            continue
-        new_key = key
-        if isinstance(key, str):
-            for cut in range(len(key)):
-                if key[cut] == '_' and key[:cut] in renames:
-                    new_key = renames[key[:cut]] + key[cut:]
-                    break
-        renamed[new_key] = value
+        elif key == SCHEDULE_KEY:
+            renamed[key] = value
+        else:
+            renamed[_renamed_accumulator(key, renames, longest)] = value
     return renamed
+
+
+def _renamed_accumulator(key, renames, longest):
+    """``key`` with its parameter name (the shortest prefix in ``renames`` followed by '_') renamed.
+
+    Only the cuts within the longest name are tried, each with one look-up: a key of megabytes (a file
+    may hold any) costs what a short one does, where trying every cut would cost its length squared.
+    """
+    cut = key.find('_', 0, longest + 1)
+    while cut != -1:
+        if key[:cut] in renames:
+            return renames[key[:cut]] + key[cut:]
+        cut = key.find('_', cut + 1, longest + 1)
+    return key
 
 
 def optimizer_state_by_structure(model, optimizer):
@@ -307,14 +344,70 @@ def optimizer_state_by_structure(model, optimizer):
     return _rename_accumulators(optimizer.state_dict(), renames)
 
 
-def load_optimizer_state(model, optimizer, state):
-    """Inverse of ``optimizer_state_by_structure``: restore accumulators and the lr schedule."""
+def load_optimizer_state(model, optimizer, state, source='the optimizer state'):
+    """Inverse of ``optimizer_state_by_structure``: restore accumulators and the lr schedule.
+
+    ``state`` as ``read_state`` gives it from the file ``source``; a part of another type than Paddle's
+    optimizer takes ends in one ``CheckpointError`` naming ``source`` and the part.
+    """
+    _check_optimizer_state(state, optimizer, source)
     renames = {name: param.name for name, param in model.named_parameters()}
     state = _rename_accumulators(state, renames)
     if MASTER_WEIGHTS_KEY in state:  # the optimizer uses them as tensors, as it made them
         state[MASTER_WEIGHTS_KEY] = {name: paddle.to_tensor(np.asarray(weight, np.float32))
                                      for name, weight in state[MASTER_WEIGHTS_KEY].items()}
     optimizer.set_state_dict(state)
+
+
+def _check_optimizer_state(state, optimizer, source):
+    """Paddle's optimizer takes arrays, a dict of float arrays as master weights and its schedule's own
+    state; anything else would stop it on an assertion, now or at the first step."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{source}: expected a dict of optimizer state, found {type(state).__name__}")
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{source}: key {short_text(repr(key))} is a {type(key).__name__}, not text")
+        if key == MASTER_WEIGHTS_KEY:
+            if not isinstance(value, dict):
+                raise CheckpointError(f"{source}: {key} holds a {type(value).__name__}, not a dict")
+            for name, weight in value.items():
+                if not (isinstance(name, str) and _is_array(weight) and np.asarray(weight).dtype.kind == 'f'):
+                    raise CheckpointError(f"{source}: {key}.{short_text(name)} holds a {type(weight).__name__}, "
+                                          f"not an array of floats")
+        elif key != SCHEDULE_KEY and not _is_array(value):
+            raise CheckpointError(f"{source}: {short_text(key)} holds a {type(value).__name__}, not an array")
+    schedule = optimizer._learning_rate
+    if not isinstance(schedule, paddle.optimizer.lr.LRScheduler):
+        return  # a constant learning rate: Paddle ignores a saved schedule
+    if SCHEDULE_KEY in state:
+        _check_like(state[SCHEDULE_KEY], schedule.state_dict(), SCHEDULE_KEY, source)
+    elif not isinstance(schedule, paddle.optimizer.lr.LambdaDecay):  # the one schedule Paddle restores without
+        raise CheckpointError(f"{source}: {SCHEDULE_KEY} is missing, and the optimizer has a schedule "
+                              f"({type(schedule).__name__})")
+
+
+def _kind(value):
+    if isinstance(value, (numbers.Real, np.generic)) and not isinstance(value, bool):
+        return 'number'
+    return type(value).__name__
+
+
+def _check_like(saved, expected, where, source):
+    """``saved`` has the structure of the schedule's own state ``expected``: dicts with its keys, numbers
+    where it has numbers (None, a value some schedules have before their first step, goes with anything)."""
+    if saved is None or expected is None:
+        return
+    if isinstance(expected, dict):
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{source}: {where} holds a {type(saved).__name__}, "
+                                  f"where the optimizer's schedule has a dict")
+        for key, value in expected.items():
+            if key not in saved:
+                raise CheckpointError(f"{source}: {where}.{key} is missing")
+            _check_like(saved[key], value, f"{where}.{key}", source)
+    elif _kind(saved) != _kind(expected):
+        raise CheckpointError(f"{source}: {where} holds a {type(saved).__name__}, "
+                              f"where the optimizer's schedule has a {type(expected).__name__}")
 
 
 def float32_state_dict(model, optimizer=None):

@@ -16,6 +16,7 @@ import os
 import re
 import tempfile
 
+import paddle
 from paddleseg.cvlibs import Config, SegBuilder, config_checker, manager
 from paddleseg.cvlibs.config import merge_config_dicts
 from paddleseg.utils import logger as paddleseg_logger
@@ -202,6 +203,12 @@ def _argument_names(component):
     return [p.name for p in parameters]
 
 
+def _takes_weights(component_class):
+    """Whether ``component_class`` accepts a ``pretrained`` argument (or any keyword, as factories do)."""
+    known = _argument_names(component_class)
+    return known is None or 'pretrained' in known
+
+
 class Builder(SegBuilder):
     """PaddleSeg's builder, with errors that name the config key and the closest known name.
 
@@ -273,16 +280,18 @@ class Builder(SegBuilder):
                               f"{closest(match.group(2), known)}") from None
 
     def build_component(self, cfg):
-        """Build as PaddleSeg does, but load a backbone's ``pretrained`` weights ourselves.
+        """Build as PaddleSeg does, but load every component's ``pretrained`` weights ourselves.
 
-        PaddleSeg's loader unpickles with ``paddle.load`` (which can run code) and gives
-        a raw traceback when a download fails; ours does neither.
+        PaddleSeg's models and backbones hand ``pretrained`` to ``paddle.load``, a plain unpickler that
+        runs whatever code the file names; here the argument never reaches a constructor. The component
+        is built without it, then ``load_weights`` reads the file: strictly for this package's models, as
+        their own ``pretrained`` does; for PaddleSeg's, the weights that fit load and the others are named
+        in a warning, as PaddleSeg's loader does.
         """
-        pretrained = cfg.get('pretrained')
-        is_backbone = cfg.get('type') in manager.BACKBONES.components_dict
-        if is_backbone and pretrained:
-            backbone = self.build_component({**cfg, 'pretrained': None})
-            return load_weights(backbone, pretrained, strict=False)
+        if isinstance(cfg, dict) and cfg.get('pretrained') is not None and 'type' in cfg:
+            component_class = self.load_component_class(cfg['type'])
+            if _takes_weights(component_class):
+                return self._build_and_load(component_class, cfg)
         try:
             return super().build_component(cfg)
         except RuntimeError as err:
@@ -294,6 +303,16 @@ class Builder(SegBuilder):
             if original is err:
                 raise
             raise original from None
+
+    def _build_and_load(self, component_class, cfg):
+        weights = cfg['pretrained']
+        if not isinstance(weights, str):
+            raise ConfigError(f"{self.path}: pretrained of {cfg['type']} is a {type(weights).__name__}; "
+                              f"it names a weights file or URL")
+        component = self.build_component({key: value for key, value in cfg.items() if key != 'pretrained'})
+        if not isinstance(component, paddle.nn.Layer):
+            raise ConfigError(f"{self.path}: {cfg['type']} holds no weights to load from pretrained")
+        return load_weights(component, weights, strict=component_class.__module__.startswith('emanet.'))
 
 
 def build_model(cfg, weights=None):

@@ -124,7 +124,7 @@ def _virtual_memory_bytes():
         return int(statm.read().split()[0]) * resource.getpagesize()
 
 
-def _read_and_report(path, describe, connection, stack_file):
+def _run_and_report(work, connection, stack_file):
     # The parent's garbage is not the child's to collect. A reader that makes thousands of containers starts
     # collections, and one freed a traceback kept from an earlier test whose frame held a Paddle C++ object: its
     # destructor waited (pthread_cond_destroy) for a parent's thread the child does not have, and the reader hung.
@@ -134,8 +134,7 @@ def _read_and_report(path, describe, connection, stack_file):
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     start = time.process_time()  # this process's CPU time: the reader's work, whoever else runs
     try:
-        state = read_state(path)
-        outcome = ('loaded', describe(state))
+        outcome = ('loaded', work())
     except CheckpointError as err:
         outcome = ('CheckpointError', str(err))
     except BaseException as err:  # what a user would see instead: a bare exception, MemoryError...
@@ -143,14 +142,14 @@ def _read_and_report(path, describe, connection, stack_file):
     connection.send(outcome + (time.process_time() - start,))
 
 
-def read_in_child(path, describe=lambda state: sorted(state)):
-    """What read_state(path) ends in, run apart from this process, and the CPU seconds it took: ('loaded',
-    describe(state), s), ('CheckpointError', message, s), another exception's name and message and s, or ('died',
-    exit code, s) and ('timeout', ..., s) with the seconds waited."""
+def run_in_child(work):
+    """What work() ends in, run apart from this process, and the CPU seconds it took: ('loaded', its result, s),
+    ('CheckpointError', message, s), another exception's name and message and s, or ('died', exit code, s) and
+    ('timeout', ..., s) with the seconds waited."""
     context = multiprocessing.get_context('fork')
     receiver, sender = context.Pipe(duplex=False)
     with tempfile.TemporaryFile('w+') as stack_file:
-        child = context.Process(target=_read_and_report, args=(str(path), describe, sender, stack_file))
+        child = context.Process(target=_run_and_report, args=(work, sender, stack_file))
         start = time.monotonic()
         child.start()
         sender.close()  # the child's end: a child that dies closes the pipe, and poll returns at once
@@ -167,6 +166,11 @@ def read_in_child(path, describe=lambda state: sorted(state)):
         child.kill()
         child.join()
     return outcome
+
+
+def read_in_child(path, describe=lambda state: sorted(state)):
+    """What read_state(path) ends in, run apart from this process (see ``run_in_child``)."""
+    return run_in_child(lambda: describe(read_state(str(path))))
 
 
 def assert_one_sentence_naming(message, path):
@@ -448,6 +452,129 @@ def test_a_weight_that_is_not_an_array_is_named(tmp_path):
     with pytest.raises(CheckpointError,
                        match=r'lists\.pdparams does not fit Linear: .*weight: checkpoint holds a list'):
         load_weights(model, path)
+
+
+def linear_weights_with(tmp_path, **replaced):
+    """A Linear(2, 3), and the path of a .pdparams of its weights with ``replaced`` keys changed or added."""
+    model = paddle.nn.Linear(2, 3)
+    state = {key: value.numpy() for key, value in model.state_dict().items()}
+    state.update(replaced.pop('state', {}))
+    path = tmp_path / 'weights.pdparams'
+    path.write_bytes(pickle.dumps(state))
+    return model, str(path)
+
+
+def test_a_weights_key_that_is_not_text_is_named(tmp_path, caplog):
+    model, path = linear_weights_with(tmp_path, state={3: np.zeros(1, np.float32)})
+    with pytest.raises(CheckpointError) as error:
+        load_weights(model, path)
+    assert str(error.value) == f"{path} does not fit Linear: unexpected: 3"
+    with caplog.at_level('WARNING', logger='emanet'):
+        load_weights(model, path, strict=False)
+    assert f"{path}: loading the matching weights only; unexpected: 3" in caplog.text
+
+
+@pytest.mark.parametrize('dtype', ['int64', 'int32', 'uint8', 'bool', 'complex64'])
+def test_weights_of_another_kind_than_the_parameter_are_refused_naming_key_and_types(tmp_path, caplog, dtype):
+    """Paddle would stop on an assertion; float16 and bfloat16 weights, which convert without loss, load."""
+    model, path = linear_weights_with(tmp_path, state={'weight': np.ones([2, 3], dtype)})
+    with pytest.raises(CheckpointError) as error:
+        load_weights(model, path)
+    assert str(error.value) == f"{path} does not fit Linear: type mismatch: weight: checkpoint {dtype} vs model float32"
+    before = model.weight.numpy()
+    with caplog.at_level('WARNING', logger='emanet'):
+        load_weights(model, path, strict=False)
+    assert f"{path}: loading the matching weights only; type mismatch: weight: checkpoint {dtype}" in caplog.text
+    np.testing.assert_array_equal(model.weight.numpy(), before)
+
+
+def linear_with_momentum():
+    """A Linear(2, 3) and its Momentum optimizer on a polynomial schedule."""
+    model = paddle.nn.Linear(2, 3)
+    schedule = paddle.optimizer.lr.PolynomialDecay(0.01, decay_steps=10)
+    return model, paddle.optimizer.Momentum(schedule, parameters=model.parameters())
+
+
+def train_one_step(model, optimizer):
+    model(paddle.ones([1, 2])).sum().backward()
+    optimizer.step()
+    optimizer.clear_grad()
+    optimizer._learning_rate.step()
+
+
+def saved_optimizer_state():
+    """The optimizer state a checkpoint holds after one step: accumulators by structured names, numpy arrays."""
+    with paddle.utils.unique_name.guard():  # tensor names as in a new process: linear_0.w_0, its velocity_0
+        model, optimizer = linear_with_momentum()
+        train_one_step(model, optimizer)
+    state = checkpoint.optimizer_state_by_structure(model, optimizer)
+    return {key: value.numpy() if isinstance(value, paddle.Tensor) else value for key, value in state.items()}
+
+
+def resume(state, path):
+    """Save ``state`` to ``path``, load it into a new model's optimizer and take a step, as a resumed run does."""
+    paddle.save(state, path)
+    with paddle.utils.unique_name.guard():  # as in the new process of a resumed run
+        model, optimizer = linear_with_momentum()
+        checkpoint.load_optimizer_state(model, optimizer, read_state(path), source=path)
+        train_one_step(model, optimizer)
+    return model, optimizer
+
+
+def test_a_saved_optimizer_state_resumes_its_accumulators_and_schedule(tmp_path):
+    state = saved_optimizer_state()
+    model, optimizer = resume(state, str(tmp_path / 'model.pdopt'))
+    assert optimizer._learning_rate.last_epoch == 2
+    velocity = optimizer._accumulators['velocity'][model.weight.name].numpy()
+    np.testing.assert_allclose(velocity, 0.9 * state['weight_velocity_0'] + 1, rtol=1e-6)  # the gradient is 1
+
+
+BROKEN_OPTIMIZER_STATES = [
+    pytest.param(lambda state: {**state, 'LR_Scheduler': 'every step'},
+                 "LR_Scheduler holds a str, where the optimizer's schedule has a dict", id='schedule not a dict'),
+    pytest.param(lambda state: {**state, 'LR_Scheduler': {**state['LR_Scheduler'], 'last_epoch': 'one'}},
+                 "LR_Scheduler.last_epoch holds a str, where the optimizer's schedule has a int",
+                 id='schedule step not a number'),
+    pytest.param(lambda state: {key: value for key, value in state.items() if key != 'LR_Scheduler'},
+                 "LR_Scheduler is missing, and the optimizer has a schedule (PolynomialDecay)", id='schedule missing'),
+    pytest.param(lambda state: {**state, 'weight_velocity_0': 'fast'},
+                 "weight_velocity_0 holds a str, not an array", id='accumulator not an array'),
+    pytest.param(lambda state: {**state, 'master_weights': ['weight']},
+                 "master_weights holds a list, not a dict", id='master weights not a dict'),
+    pytest.param(lambda state: {**state, 'master_weights': {'weight': 'heavy'}},
+                 "master_weights.weight holds a str, not an array of floats", id='master weight not an array'),
+    pytest.param(lambda state: {**state, 7: np.zeros(1, np.float32)},
+                 "key 7 is a int, not text", id='key not text'),
+]
+
+
+@pytest.mark.parametrize('corrupt, reason', BROKEN_OPTIMIZER_STATES)
+def test_an_optimizer_state_of_the_wrong_shape_ends_in_one_sentence_naming_the_part(tmp_path, corrupt, reason):
+    path = str(tmp_path / 'model.pdopt')
+    with pytest.raises(CheckpointError) as error:
+        resume(corrupt(saved_optimizer_state()), path)
+    assert str(error.value) == f"{path}: {reason}"
+
+
+def test_an_optimizer_state_that_is_not_a_dict_is_named(tmp_path):
+    path = tmp_path / 'model.pdopt'
+    paddle.save([1, 2], str(path))
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: expected a dict of weights, found list$"):
+        read_state(str(path))
+
+
+def test_an_optimizer_state_with_megabytes_of_long_keys_resumes_within_seconds(tmp_path):
+    """Accumulators are renamed by the parameter name they start with: the work per key is bounded by the
+    longest parameter name, not by the key, which a file may make megabytes long."""
+    state = saved_optimizer_state()
+    state.update({f'{index}_' + 'x_' * (1 << 19): np.zeros(1, np.float32) for index in range(4)})  # 4 MB of keys
+
+    def resumed_schedule_and_velocity():
+        model, optimizer = resume(state, str(tmp_path / 'model.pdopt'))
+        return optimizer._learning_rate.last_epoch, optimizer._accumulators['velocity'][model.weight.name].shape
+    outcome, resumed, seconds = run_in_child(resumed_schedule_and_velocity)
+    assert (outcome, resumed) == ('loaded', (2, [2, 3]))
+    assert seconds < SECONDS
 
 
 # ---------------------------------------------------------------------------------------------------

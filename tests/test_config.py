@@ -1,16 +1,25 @@
-"""Config mistakes end in one ConfigError naming the file, the key and the closest known name."""
+"""Config mistakes end in one ConfigError naming the file, the key and the closest known name; weights a
+config names (``pretrained:``) are read by this package's safe reader, whatever the component."""
+import functools
+import logging
 import os
+import pickle
+import re
 import subprocess
 import sys
 
 import numpy as np
 import paddle
+import paddleseg.utils.utils
 import pytest
 import yaml
+from paddleseg.cvlibs import manager
 from paddleseg.models.backbones import ResNet18_vd
 
 from conftest import TOOLS
+from emanet.checkpoint import CheckpointError
 from emanet.config import Builder, ConfigError, build_model, load_config
+from emanet.errors import UserError
 
 
 def test_missing_file_is_named(tmp_path):
@@ -151,3 +160,136 @@ def test_a_config_that_is_not_a_mapping_is_named(tmp_path, content, found):
     (tmp_path / 'odd.yml').write_text(content)
     with pytest.raises(ConfigError, match=rf"odd\.yml: a config is a mapping of keys .*this file holds a {found}"):
         load_config(str(tmp_path / 'odd.yml'))
+
+
+# ---------------------------------------------------------------------------------------------------
+# pretrained: of any component goes to this package's reader, never to PaddleSeg's (paddle.load, a plain pickle).
+
+class CreatesAFile:
+    """Unpickling this with a plain unpickler (paddle.load) would create a file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, 'w'))
+
+
+@pytest.fixture
+def crafted_weights(tmp_path):
+    """A .pdparams that creates ``marker`` if anything unpickles it with a plain unpickler."""
+    marker = tmp_path / 'marker'
+    path = tmp_path / 'crafted.pdparams'
+    path.write_bytes(pickle.dumps({'weight': CreatesAFile(str(marker))}))
+    return str(path), marker
+
+
+@pytest.fixture
+def paddleseg_loaders_refused(monkeypatch):
+    """PaddleSeg's and Paddle's pickle loaders raise if called with a file; the files they were called with."""
+    calls = []
+
+    def refuse(name):
+        def loader(*args, **kwargs):
+            if any(isinstance(arg, str) for arg in args):
+                calls.append((name, args))
+                raise AssertionError(f"{name} was called with {args}")
+        return loader
+    monkeypatch.setattr(paddle, 'load', refuse('paddle.load'))
+    monkeypatch.setattr(paddleseg.utils.utils, 'load_entire_model', refuse('load_entire_model'))
+    monkeypatch.setattr(paddleseg.utils.utils, 'load_pretrained_model', refuse('load_pretrained_model'))
+    return calls
+
+
+def types_with_weights():
+    """Every model and backbone a config can name, PaddleSeg's own EMANet included."""
+    return sorted({*manager.MODELS.components_dict, *manager.BACKBONES.components_dict, 'PaddleSegEMANet'})
+
+
+def test_pretrained_of_every_model_and_backbone_type_is_kept_from_its_constructor(
+        tiny_config, crafted_weights, paddleseg_loaders_refused, monkeypatch):
+    """Whatever a constructor would do with ``pretrained`` (PaddleSeg's call paddle.load), it never gets it:
+    the builder takes it out, builds, and loads the weights with this package's reader. Constructors are
+    stood in for by recorders with their signatures (real ones need per-model arguments); the tests below
+    build real ones."""
+    path, marker = crafted_weights
+    constructed_with = {}
+    check_arguments_and_construct = Builder.build_component_impl
+
+    def construct_a_recorder(self, component_class, *args, **kwargs):
+        @functools.wraps(component_class)  # the builder checks argument names against the real signature
+        def recorder(*args, **kwargs):
+            constructed_with[component_class.__name__] = kwargs.get('pretrained')
+            return paddle.nn.Layer()
+        return check_arguments_and_construct(self, recorder, *args, **kwargs)
+    monkeypatch.setattr(Builder, 'build_component_impl', construct_a_recorder)
+    builder = Builder(load_config(tiny_config()))
+    names = types_with_weights()
+    assert len(names) > 150 and {'PSPNet', 'DeepLabV3P', 'FCN', 'PaddleSegEMANet', 'ResNet18_vd'} <= set(names)
+    outcomes = {}
+    for name in names:
+        try:
+            builder.build_component({'type': name, 'pretrained': path})
+            outcomes[name] = 'built'
+        except UserError as err:
+            outcomes[name] = str(err)
+    refused = f"{path}: refused, not a plain Paddle checkpoint (it would call "
+    takes_no_weights = "has no argument 'pretrained'"
+    assert {name: outcome for name, outcome in outcomes.items()
+            if not (outcome.startswith(refused) or takes_no_weights in outcome)} == {}
+    assert sorted(name for name, outcome in outcomes.items() if takes_no_weights in outcome) == ['UNet3Plus']
+    assert {name: weights for name, weights in constructed_with.items() if weights is not None} == {}
+    assert paddleseg_loaders_refused == [] and not marker.exists()
+
+
+def config_with_model(tiny_config, tmp_path, model):
+    config = yaml.safe_load(open(tiny_config()))
+    config['model'] = model
+    path = tmp_path / 'model.yml'
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.mark.parametrize('model', [
+    {'type': 'FCN', 'backbone': {'type': 'ResNet18_vd'}, 'num_classes': 3},
+    {'type': 'PaddleSegEMANet', 'backbone': {'type': 'ResNet18_vd', 'output_stride': 8}, 'num_classes': 3,
+     'ema_channels': 32, 'gc_channels': 16, 'num_bases': 8},
+    {'type': 'BiSeNetV2', 'num_classes': 3},
+    {'type': 'EMANet', 'backbone': {'type': 'ResNet18_vd', 'output_stride': 8}, 'num_classes': 3,
+     'ema_channels': 32, 'gc_channels': 16, 'num_bases': 8},
+], ids=lambda model: model['type'])
+def test_a_crafted_pretrained_file_of_a_real_model_ends_in_one_sentence_and_runs_nothing(
+        tiny_config, tmp_path, crafted_weights, model):
+    """As tools/train.py builds the model: PaddleSeg's models would hand the file to paddle.load."""
+    path, marker = crafted_weights
+    cfg = load_config(config_with_model(tiny_config, tmp_path, {**model, 'pretrained': path}))
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(path)}: refused, .*'_?io\.open'"):
+        Builder(cfg).model
+    assert not marker.exists()
+
+
+def test_pretrained_of_a_paddleseg_model_loads_what_fits_and_warns_of_the_rest(tiny_config, tmp_path, caplog):
+    """PaddleSeg's semantics for its models' pretrained: matching keys load, the others are named in a warning."""
+    model = {'type': 'BiSeNetV2', 'num_classes': 3}
+    source = Builder(load_config(config_with_model(tiny_config, tmp_path, model))).model
+    state = {key: value.numpy() for key, value in source.state_dict().items()}
+    head = next(key for key in state if key.endswith('weight') and state[key].shape[0] == 3)
+    state[head] = state[head][:2]  # as from a checkpoint for another number of classes
+    path = str(tmp_path / 'bisenet.pdparams')
+    paddle.save(state, path)
+    cfg = load_config(config_with_model(tiny_config, tmp_path, {**model, 'pretrained': path}))
+    with caplog.at_level(logging.WARNING, logger='emanet'):
+        loaded = Builder(cfg).model
+    for key, value in state.items():
+        if key != head:
+            np.testing.assert_array_equal(loaded.state_dict()[key].numpy(), value, err_msg=key)
+    assert f"{path}: loading the matching weights only; shape mismatch: {head}" in caplog.text
+
+
+def test_pretrained_of_this_packages_emanet_must_fit_whole(tiny_config, tmp_path):
+    """As its constructor's own ``pretrained``: whole-model weights, every key checked."""
+    path = str(tmp_path / 'backbone_only.pdparams')
+    paddle.save(ResNet18_vd(output_stride=8).state_dict(), path)
+    cfg = load_config(tiny_config(), opts=[f'model.pretrained={path!r}'])
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(path)} does not fit EMANet: missing: backbone\.conv1_1"):
+        Builder(cfg).model
