@@ -9,24 +9,39 @@ No URL and no archive member can place a file outside the cache: a URL is kept a
 inside its own folder. Downloads and unpacked archives are bounded in size, redirects are
 followed a bounded number of times and never from HTTPS down to HTTP, and a cached file is
 checked against the record of its download before it is used.
+
+What a download or an archive may cost is bounded here, each budget with its environment variable:
+
+- ``EMANET_MAX_DOWNLOAD_BYTES`` (4 GiB): the largest download, and the most an archive unpacks to;
+- ``EMANET_DOWNLOAD_TIMEOUT`` (15 s): the longest wait for a server's answer or for any one read;
+- ``EMANET_DOWNLOAD_DEADLINE`` (3600 s): the longest one download may take, however the server paces it;
+- ``EMANET_DOWNLOAD_LOCK_WAIT`` (the deadline and 10 minutes more): the longest wait for another process
+  downloading or unpacking the same file;
+- fixed: MAX_REDIRECTS, MAX_ARCHIVE_MEMBERS, and MAX_ARCHIVE_HEADER_BYTES for the long names and pax
+  records of one tar member, which tarfile would read into memory whole before any member is checked.
 """
+import bz2
 import contextlib
 import glob
+import gzip
 import hashlib
 import json
+import lzma
 import os
 import re
 import shutil
 import stat
 import tarfile
 import tempfile
+import time
 import typing
 import zipfile
 import zlib
 from urllib.parse import unquote, urljoin, urlsplit
 
+import filelock
 import requests
-from filelock import FileLock
+import urllib3
 from tqdm import tqdm
 
 from emanet.errors import UserError
@@ -36,6 +51,11 @@ ARCHIVE_SUFFIXES = ('.tar.gz', '.tgz', '.tar', '.zip')
 WEIGHT_SUFFIXES = ('.pdparams', '.safetensors')
 MAX_REDIRECTS = 10
 MAX_ARCHIVE_MEMBERS = 10000
+# Linux paths are at most 4 KiB: a long name, a long link name and their pax records fit with room to spare.
+# Small also for time: before 3.11.10 and 3.12.6, tarfile parses pax records in time quadratic in their
+# size (CVE-2024-6232): 0.25 s for 16 KiB of digits, 4 s for 64 KiB.
+MAX_ARCHIVE_HEADER_BYTES = 16 << 10
+TAR_BLOCK = 512
 CHUNK_BYTES = 1 << 20
 # Errors of a damaged or truncated archive, from the archive modules and the decompressors below them.
 ARCHIVE_READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error)
@@ -44,6 +64,17 @@ ARCHIVE_READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, 
 def timeout_seconds():
     """Seconds to wait for a server to answer (EMANET_DOWNLOAD_TIMEOUT, default 15)."""
     return float(os.environ.get('EMANET_DOWNLOAD_TIMEOUT', 15))
+
+
+def deadline_seconds():
+    """Seconds one download may take in all (EMANET_DOWNLOAD_DEADLINE, default 3600)."""
+    return float(os.environ.get('EMANET_DOWNLOAD_DEADLINE', 3600))
+
+
+def lock_wait_seconds():
+    """Seconds to wait for another process downloading or unpacking the same file (EMANET_DOWNLOAD_LOCK_WAIT,
+    default the download deadline and 10 minutes for unpacking)."""
+    return float(os.environ.get('EMANET_DOWNLOAD_LOCK_WAIT', deadline_seconds() + 600))
 
 
 def max_download_bytes():
@@ -123,7 +154,7 @@ def _download(url, sha256, cache_dir):
     if record is not None:
         return target, record
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    with FileLock(target + '.lock'):
+    with _lock(target + '.lock', url):
         record = _intact_record(target, sha256)  # another process may have finished it while this one waited
         if record is not None:
             return target, record
@@ -131,6 +162,16 @@ def _download(url, sha256, cache_dir):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(stale)
         return target, _download_to(url, target, sha256)
+
+
+def _lock(path, url):
+    """The lock file ``path``, acquired for a with-block; a wait longer than lock_wait_seconds() ends in a DownloadError."""
+    wait = lock_wait_seconds()
+    try:
+        return filelock.FileLock(path, timeout=wait).acquire()
+    except filelock.Timeout:
+        raise DownloadError(f"{url}: another process has held {path} for more than {wait} seconds "
+                            f"(EMANET_DOWNLOAD_LOCK_WAIT) while fetching it; try again once it has finished") from None
 
 
 def _record_path(target):
@@ -191,19 +232,28 @@ def _write_atomically(path, text):
 
 def _fetch(url, out):
     """Stream ``url`` into ``out`` with a progress bar; return the sha256 and size of what arrived."""
-    limit = max_download_bytes()
+    limit, deadline = max_download_bytes(), deadline_seconds()
+    give_up_at = time.monotonic() + deadline
     sha256, md5, size = hashlib.sha256(), hashlib.md5(), 0
     try:
         with requests.Session() as session, _get(session, url) as response:
             response.raise_for_status()
-            declared = response.headers.get('content-length', '')
-            expected_size = int(declared) if declared.isdigit() else None
+            expected_size = _declared_size(url, response.headers.get('content-length'))
             if expected_size is not None and expected_size > limit:
                 raise _too_large(url, limit)
             etag = response.headers.get('etag', '').strip('"').lower()
             with tqdm(total=expected_size, unit='B', unit_scale=True,
                       desc=os.path.basename(urlsplit(url).path)) as bar:
-                for chunk in response.iter_content(chunk_size=CHUNK_BYTES):
+                while True:
+                    # One read of the socket each (read1): a read that waits for a whole chunk would let a
+                    # server sending a byte at a time, each within the read timeout, hold it past the deadline.
+                    # Decoded as requests' iter_content decoded it, should a server ignore 'identity'.
+                    chunk = response.raw.read1(CHUNK_BYTES, decode_content=True)
+                    if time.monotonic() > give_up_at:
+                        raise DownloadError(f"{url}: the download took longer than {deadline} seconds "
+                                            f"(EMANET_DOWNLOAD_DEADLINE); raise that limit on a slow connection")
+                    if not chunk:
+                        break
                     size += len(chunk)
                     if size > limit:  # a server streaming without end, or beyond what it declared
                         raise _too_large(url, limit)
@@ -211,7 +261,8 @@ def _fetch(url, out):
                     sha256.update(chunk)
                     md5.update(chunk)
                     bar.update(len(chunk))
-    except requests.RequestException as err:
+    # Reading the raw response, errors come from urllib3 as they are (requests wraps only its own reads).
+    except (requests.RequestException, urllib3.exceptions.HTTPError) as err:
         raise DownloadError(f"could not download {url}: {err.__class__.__name__}; check the network, "
                             f"or download it by hand and pass the local path") from None
     if expected_size is not None and size != expected_size:
@@ -219,6 +270,20 @@ def _fetch(url, out):
     if re.fullmatch(r'[0-9a-f]{32}', etag) and md5.hexdigest() != etag:
         raise DownloadError(f"{url}: checksum mismatch (MD5 {md5.hexdigest()}, the server says {etag})")
     return {'sha256': sha256.hexdigest(), 'size': size}
+
+
+def _declared_size(url, content_length):
+    """The size a Content-Length header declares, None without one.
+
+    ASCII digits only: int() also reads '١٢٣' and str.isdigit() accepts '²'. Anything else is refused
+    rather than ignored: without a size, a connection cut short would pass for a complete download.
+    """
+    if content_length is None:
+        return None
+    if not re.fullmatch(r'[0-9]+', content_length):
+        raise DownloadError(f"{url}: the server gave a Content-Length that is not a number of bytes "
+                            f"({content_length!r})")
+    return int(content_length)
 
 
 def _too_large(url, limit):
@@ -264,7 +329,7 @@ def weights_path(path, sha256=None):
         return local
     # Named after the archive's digest: an archive downloaded again with other bytes is unpacked anew.
     unpacked = f"{local}.{record['sha256'][:16]}.unpacked"
-    with FileLock(unpacked + '.lock'):
+    with _lock(unpacked + '.lock', path):
         if not os.path.isdir(unpacked):
             partial = tempfile.mkdtemp(dir=os.path.dirname(local), suffix='.part')
             try:
