@@ -9,24 +9,40 @@ No URL and no archive member can place a file outside the cache: a URL is kept a
 inside its own folder. Downloads and unpacked archives are bounded in size, redirects are
 followed a bounded number of times and never from HTTPS down to HTTP, and a cached file is
 checked against the record of its download before it is used.
+
+What a download or an archive may cost is bounded here, each budget with its environment variable:
+
+- ``EMANET_MAX_DOWNLOAD_BYTES`` (4 GiB): the largest download, and the most an archive unpacks to;
+- ``EMANET_DOWNLOAD_TIMEOUT`` (15 s): the longest wait for a server's answer or for any one read;
+- ``EMANET_DOWNLOAD_DEADLINE`` (3600 s): the longest one download may take, however the server paces
+  its body (checked after every read; the headers are bounded by the timeout and http.client's limits);
+- ``EMANET_DOWNLOAD_LOCK_WAIT`` (the deadline and 10 minutes more): the longest wait for another process
+  downloading or unpacking the same file;
+- fixed: MAX_REDIRECTS, MAX_ARCHIVE_MEMBERS, and MAX_ARCHIVE_HEADER_BYTES for the long names and pax
+  records of one tar member, which tarfile would read into memory whole before any member is checked.
 """
+import bz2
 import contextlib
 import glob
+import gzip
 import hashlib
 import json
+import lzma
 import os
 import re
 import shutil
 import stat
 import tarfile
 import tempfile
+import time
 import typing
 import zipfile
 import zlib
 from urllib.parse import unquote, urljoin, urlsplit
 
+import filelock
 import requests
-from filelock import FileLock
+import urllib3
 from tqdm import tqdm
 
 from emanet.errors import UserError
@@ -36,14 +52,30 @@ ARCHIVE_SUFFIXES = ('.tar.gz', '.tgz', '.tar', '.zip')
 WEIGHT_SUFFIXES = ('.pdparams', '.safetensors')
 MAX_REDIRECTS = 10
 MAX_ARCHIVE_MEMBERS = 10000
+# Linux paths are at most 4 KiB: a long name, a long link name and their pax records fit with room to spare.
+# Small also for time: before 3.11.10 and 3.12.6, tarfile parses pax records in time quadratic in their
+# size (CVE-2024-6232): 0.25 s for 16 KiB of digits, 4 s for 64 KiB.
+MAX_ARCHIVE_HEADER_BYTES = 16 << 10
+TAR_BLOCK = 512
 CHUNK_BYTES = 1 << 20
 # Errors of a damaged or truncated archive, from the archive modules and the decompressors below them.
-ARCHIVE_READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error)
+ARCHIVE_READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error, lzma.LZMAError)
 
 
 def timeout_seconds():
     """Seconds to wait for a server to answer (EMANET_DOWNLOAD_TIMEOUT, default 15)."""
     return float(os.environ.get('EMANET_DOWNLOAD_TIMEOUT', 15))
+
+
+def deadline_seconds():
+    """Seconds one download may take in all (EMANET_DOWNLOAD_DEADLINE, default 3600)."""
+    return float(os.environ.get('EMANET_DOWNLOAD_DEADLINE', 3600))
+
+
+def lock_wait_seconds():
+    """Seconds to wait for another process downloading or unpacking the same file (EMANET_DOWNLOAD_LOCK_WAIT,
+    default the download deadline and 10 minutes for unpacking)."""
+    return float(os.environ.get('EMANET_DOWNLOAD_LOCK_WAIT', deadline_seconds() + 600))
 
 
 def max_download_bytes():
@@ -123,7 +155,7 @@ def _download(url, sha256, cache_dir):
     if record is not None:
         return target, record
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    with FileLock(target + '.lock'):
+    with _lock(target + '.lock', url):
         record = _intact_record(target, sha256)  # another process may have finished it while this one waited
         if record is not None:
             return target, record
@@ -131,6 +163,16 @@ def _download(url, sha256, cache_dir):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(stale)
         return target, _download_to(url, target, sha256)
+
+
+def _lock(path, url):
+    """The lock file ``path``, acquired for a with-block; waiting longer than lock_wait_seconds() is a DownloadError."""
+    wait = lock_wait_seconds()
+    try:
+        return filelock.FileLock(path, timeout=wait).acquire()
+    except filelock.Timeout:
+        raise DownloadError(f"{url}: another process has held {path} for more than {wait} seconds "
+                            f"(EMANET_DOWNLOAD_LOCK_WAIT) while fetching it; try again once it has finished") from None
 
 
 def _record_path(target):
@@ -191,19 +233,28 @@ def _write_atomically(path, text):
 
 def _fetch(url, out):
     """Stream ``url`` into ``out`` with a progress bar; return the sha256 and size of what arrived."""
-    limit = max_download_bytes()
+    limit, deadline = max_download_bytes(), deadline_seconds()
+    give_up_at = time.monotonic() + deadline
     sha256, md5, size = hashlib.sha256(), hashlib.md5(), 0
     try:
         with requests.Session() as session, _get(session, url) as response:
             response.raise_for_status()
-            declared = response.headers.get('content-length', '')
-            expected_size = int(declared) if declared.isdigit() else None
+            expected_size = _declared_size(url, response.headers.get('content-length'))
             if expected_size is not None and expected_size > limit:
                 raise _too_large(url, limit)
             etag = response.headers.get('etag', '').strip('"').lower()
             with tqdm(total=expected_size, unit='B', unit_scale=True,
                       desc=os.path.basename(urlsplit(url).path)) as bar:
-                for chunk in response.iter_content(chunk_size=CHUNK_BYTES):
+                while True:
+                    # One read of the socket each (read1): a read that waits for a whole chunk would let a
+                    # server sending a byte at a time, each within the read timeout, hold it past the deadline.
+                    # Decoded as requests' iter_content decoded it, should a server ignore 'identity'.
+                    chunk = response.raw.read1(CHUNK_BYTES, decode_content=True)
+                    if not chunk:
+                        break
+                    if time.monotonic() > give_up_at:
+                        raise DownloadError(f"{url}: the download took longer than {deadline} seconds "
+                                            f"(EMANET_DOWNLOAD_DEADLINE); raise that limit on a slow connection")
                     size += len(chunk)
                     if size > limit:  # a server streaming without end, or beyond what it declared
                         raise _too_large(url, limit)
@@ -211,7 +262,8 @@ def _fetch(url, out):
                     sha256.update(chunk)
                     md5.update(chunk)
                     bar.update(len(chunk))
-    except requests.RequestException as err:
+    # Reading the raw response, errors come from urllib3 as they are (requests wraps only its own reads).
+    except (requests.RequestException, urllib3.exceptions.HTTPError) as err:
         raise DownloadError(f"could not download {url}: {err.__class__.__name__}; check the network, "
                             f"or download it by hand and pass the local path") from None
     if expected_size is not None and size != expected_size:
@@ -219,6 +271,20 @@ def _fetch(url, out):
     if re.fullmatch(r'[0-9a-f]{32}', etag) and md5.hexdigest() != etag:
         raise DownloadError(f"{url}: checksum mismatch (MD5 {md5.hexdigest()}, the server says {etag})")
     return {'sha256': sha256.hexdigest(), 'size': size}
+
+
+def _declared_size(url, content_length):
+    """The size a Content-Length header declares, None without one.
+
+    ASCII digits only: int() also reads '١٢٣' and str.isdigit() accepts '²'. Anything else is refused
+    rather than ignored: without a size, a connection cut short would pass for a complete download.
+    """
+    if content_length is None:
+        return None
+    if not re.fullmatch(r'[0-9]+', content_length):
+        raise DownloadError(f"{url}: the server gave a Content-Length that is not a number of bytes "
+                            f"({content_length!r})")
+    return int(content_length)
 
 
 def _too_large(url, limit):
@@ -264,7 +330,7 @@ def weights_path(path, sha256=None):
         return local
     # Named after the archive's digest: an archive downloaded again with other bytes is unpacked anew.
     unpacked = f"{local}.{record['sha256'][:16]}.unpacked"
-    with FileLock(unpacked + '.lock'):
+    with _lock(unpacked + '.lock', path):
         if not os.path.isdir(unpacked):
             partial = tempfile.mkdtemp(dir=os.path.dirname(local), suffix='.part')
             try:
@@ -286,6 +352,7 @@ class _Member(typing.NamedTuple):
     kind: str  # 'file', 'folder', 'symbolic link', 'hard link' or 'other'
     size: int
     open: typing.Callable
+    standard_refusal: typing.Optional[str] = None  # what tarfile's 'data' filter says against it
 
 
 def unpack_archive(archive_path, destination, source=None):
@@ -293,49 +360,61 @@ def unpack_archive(archive_path, destination, source=None):
 
     Every member is checked before the first is written. Links, devices, absolute names, '..'
     segments, backslashes and drive letters are refused, as are more than MAX_ARCHIVE_MEMBERS
-    members or more than EMANET_MAX_DOWNLOAD_BYTES in all, each with one DownloadError naming
-    ``source`` (the archive's URL, by default its path) and the member. This does not rely on
-    tarfile's extraction filters (PEP 706), which older Pythons 3.8 to 3.11 lack.
+    members or more than EMANET_MAX_DOWNLOAD_BYTES in all (counted again as the bytes are written),
+    each with one DownloadError naming ``source`` (the archive's URL, by default its path) and the
+    member. A tar's headers are read ahead of tarfile (``_TarHeaders``): negative sizes, sparse
+    files, pax records replacing a size, and more than MAX_ARCHIVE_HEADER_BYTES of long names and
+    pax records for one member are refused before tarfile reads them. Where this Python has tarfile's
+    'data' filter (PEP 706), a member it refuses is refused too; the checks here do not rely on it.
     """
     source = source or archive_path
-    try:
-        opened = zipfile.ZipFile(archive_path) if archive_path.endswith('.zip') else tarfile.open(archive_path)
-    except ARCHIVE_READ_ERRORS as err:
-        raise DownloadError(f"{source}: not a readable archive ({err})") from None
-    with opened as archive:
-        for member, path in _checked_members(archive, destination, source):
+    with contextlib.ExitStack() as opened:
+        try:
+            if archive_path.endswith('.zip'):
+                members = _zip_members(opened.enter_context(zipfile.ZipFile(archive_path)))
+            else:
+                members = _tar_members(opened, archive_path, os.path.abspath(destination), source)
+            checked = _checked_members(members, destination, source)
+        except ARCHIVE_READ_ERRORS as err:
+            raise DownloadError(f"{source}: not a readable archive ({err})") from None
+        limit, written = max_download_bytes(), 0
+        for member, path in checked:
             try:
                 if member.kind == 'folder':
                     os.makedirs(path, exist_ok=True)
                     continue
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                # Both readers stop at the member's declared size, which the check has counted.
                 with member.open() as data, open(path, 'wb') as out:
-                    shutil.copyfileobj(data, out, CHUNK_BYTES)
+                    # Both readers stop at the member's declared size, which the check has counted; what is
+                    # written is counted too, so that the cap holds whatever a reader does.
+                    for chunk in iter(lambda: data.read(CHUNK_BYTES), b''):
+                        written += len(chunk)
+                        if written > limit:
+                            raise DownloadError(f"{source}: refusing archive member '{member.name}' "
+                                                f"({_over_the_cap(limit)})")
+                        out.write(chunk)
+            except DownloadError:  # a refusal, already one sentence; a RuntimeError like zipfile's below
+                raise
             except ARCHIVE_READ_ERRORS + (RuntimeError,) as err:  # zipfile raises RuntimeError for encryption
                 raise DownloadError(f"{source}: archive member '{member.name}' cannot be unpacked ({err})") from None
 
 
-def _checked_members(archive, destination, source):
+def _checked_members(members, destination, source):
     """(member, path in ``destination``) for every member but the archive's own folder ('./'), once all pass."""
     limit, total, checked = max_download_bytes(), 0, []
     root = os.path.abspath(destination)
-    members = _zip_members(archive) if isinstance(archive, zipfile.ZipFile) else _tar_members(archive)
-    try:
-        for count, member in enumerate(members, 1):
-            reason = _refusal(member, count, total, limit)
-            parts = [part for part in member.name.split('/') if part not in ('', '.')]
-            path = os.path.join(root, *parts)
-            # The last guard, by name alone: the folder is new and nothing unpacked into it is a link.
-            if reason is None and os.path.commonpath([root, os.path.normpath(path)]) != root:
-                reason = "a path leaving the archive's folder"
-            if reason is not None:
-                raise DownloadError(f"{source}: refusing archive member '{member.name}' ({reason})")
-            total += member.size
-            if parts:
-                checked.append((member, path))
-    except ARCHIVE_READ_ERRORS as err:
-        raise DownloadError(f"{source}: not a readable archive ({err})") from None
+    for count, member in enumerate(members, 1):
+        reason = _refusal(member, count, total, limit)
+        parts = [part for part in member.name.split('/') if part not in ('', '.')]
+        path = os.path.join(root, *parts)
+        # The last guard, by name alone: the folder is new and nothing unpacked into it is a link.
+        if reason is None and os.path.commonpath([root, os.path.normpath(path)]) != root:
+            reason = "a path leaving the archive's folder"
+        if reason is not None:
+            raise DownloadError(f"{source}: refusing archive member '{member.name}' ({reason})")
+        total += member.size
+        if parts:
+            checked.append((member, path))
     return checked
 
 
@@ -353,16 +432,162 @@ def _refusal(member, count, total, limit):
         return f'a {member.kind}'
     if member.kind == 'other':
         return 'neither a file nor a folder'
+    if member.standard_refusal is not None:
+        return member.standard_refusal
     if total + member.size > limit:
-        return f'the archive unpacks to more than {limit} bytes (EMANET_MAX_DOWNLOAD_BYTES)'
+        return _over_the_cap(limit)
     return None
 
 
-def _tar_members(archive):
-    for info in archive:  # read lazily, so a refusal stops before the rest of the archive is read
+def _over_the_cap(limit):
+    return f'the archive unpacks to more than {limit} bytes (EMANET_MAX_DOWNLOAD_BYTES)'
+
+
+def _tar_members(opened, archive_path, root, source):
+    """The members of the tar at ``archive_path`` as tarfile reads them, lazily, so that a refusal stops before
+    the rest of the archive is read; each member's headers are checked by ``_TarHeaders`` before tarfile reads them.
+
+    ``opened`` (an ExitStack) closes the two streams of the archive: one for the check, one for tarfile.
+    """
+    headers = _TarHeaders(opened.enter_context(_tar_stream(archive_path)), source)
+    headers.check_next()  # tarfile reads the first member as it opens
+    archive = opened.enter_context(tarfile.open(fileobj=opened.enter_context(_tar_stream(archive_path)), mode='r:'))
+    while True:
+        info = archive.next()
+        if info is None:
+            return
         kind = ('folder' if info.isdir() else 'file' if info.isreg() else 'symbolic link' if info.issym()
                 else 'hard link' if info.islnk() else 'other')
-        yield _Member(info.name, kind, info.size, lambda info=info: archive.extractfile(info))
+        yield _Member(info.name, kind, info.size, lambda info=info: archive.extractfile(info),
+                      _standard_refusal(info, root))
+        # Checked where tarfile will read next: should the two ever disagree on where a member's
+        # headers are, tarfile would read headers nobody checked.
+        checked_at = headers.check_next()
+        if checked_at != archive.offset:
+            raise DownloadError(f"{source}: not a readable archive (tarfile reads the header at byte "
+                                f"{archive.offset}, where the check found one at byte {checked_at})")
+
+
+def _tar_stream(archive_path):
+    """The tar inside ``archive_path``: decompressed when gzip, bzip2 or xz (told by their magic numbers, as
+    tarfile tells them), else the file itself."""
+    with open(archive_path, 'rb') as file:
+        magic = file.read(6)
+    if magic.startswith(b'\x1f\x8b'):
+        return gzip.open(archive_path)
+    if magic.startswith(b'BZh'):
+        return bz2.open(archive_path)
+    if magic.startswith(b'\xfd7zXZ\x00'):
+        return lzma.open(archive_path)
+    return open(archive_path, 'rb')
+
+
+def _standard_refusal(info, root):
+    """What tarfile's 'data' extraction filter (PEP 706: Python 3.12, and 3.9.17, 3.10.12, 3.11.4 on) finds
+    wrong with ``info`` unpacked into ``root``, or None. The checks here come first and refuse all it
+    refuses today; its own are asked too for what later Pythons add."""
+    if not hasattr(tarfile, 'data_filter'):
+        return None
+    try:
+        tarfile.data_filter(info, root)
+    except tarfile.FilterError as err:
+        return f"tarfile's data filter refuses it: {err}"
+    return None
+
+
+class _TarHeaders:
+    """Reads a tar stream's headers one member ahead of tarfile, refusing what tarfile would trust.
+
+    tarfile reads a GNU long name or a pax header whole, at the size its header declares, before any
+    member can be checked; takes a negative size (base-256 or octal) as given, which sends it back to
+    members already read; and lets a pax record replace a member's size. So here, before tarfile reads
+    a member's headers: a negative size, a sparse file or a pax record of a size is refused, and so are
+    long names and pax records taking more than MAX_ARCHIVE_HEADER_BYTES for one member. The headers'
+    numbers and checksums are read with tarfile's own functions, so that both find the members at the
+    same places; the member's data is skipped only once the member has passed its checks.
+    """
+
+    # Headers that describe the next header's member instead of being members: tarfile reads their data whole.
+    EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                tarfile.SOLARIS_XHDTYPE)
+    PAX = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+
+    def __init__(self, stream, source):
+        self.stream, self.source = stream, source
+        self.position = 0  # in the tar stream: where the next header or data not yet skipped starts
+        self.data_to_skip = 0  # of the member checked last, which tarfile reads or skips in its own time
+
+    def check_next(self):
+        """Skip the data of the member checked last, check the headers of the next one; return where they start
+        (the end of the archive's members, where tarfile stops too: an empty block or the end of the stream)."""
+        self._skip(self.data_to_skip)
+        start, extended_bytes, long_name, sparse, size_replaced = self.position, 0, None, False, False
+        while True:
+            block = self._read(TAR_BLOCK)
+            if len(block) < TAR_BLOCK or not any(block):
+                self.data_to_skip = 0
+                return start
+            kind, size = block[156:157], self._size(block)
+            name = long_name or _ustar_name(block)
+            if size < 0:
+                self._refuse(name, 'a negative size')
+            if kind not in self.EXTENDED:
+                break
+            extended_bytes += TAR_BLOCK + _tar_blocks(size)
+            if extended_bytes > MAX_ARCHIVE_HEADER_BYTES:
+                raise DownloadError(f"{self.source}: refusing an archive member whose headers at byte {start} "
+                                    f"take more than {MAX_ARCHIVE_HEADER_BYTES} bytes (long names and pax records)")
+            data = self._read(_tar_blocks(size))
+            if kind == tarfile.GNUTYPE_LONGNAME:
+                long_name = data[:size].split(b'\0')[0].decode('utf-8', 'replace')
+            if kind in self.PAX:
+                # Records are '<length> <keyword>=<value>\n': a keyword follows a space and ends at '='.
+                sparse = sparse or b'GNU.sparse' in data
+                size_replaced = size_replaced or b' size=' in data
+        if kind == tarfile.GNUTYPE_SPARSE or sparse:
+            self._refuse(name, 'a sparse file')
+        if size_replaced:  # tar writers add one only for members of 8 GiB and more
+            self._refuse(name, 'a pax header overriding its size')
+        # Where tarfile skips data: regular files and types it does not know (an old-style folder, a
+        # regular type whose name ends in '/', has none).
+        old_style_folder = kind == tarfile.AREGTYPE and block[:100].split(b'\0')[0].endswith(b'/')
+        carries_data = (kind in tarfile.REGULAR_TYPES or kind not in tarfile.SUPPORTED_TYPES) and not old_style_folder
+        self.data_to_skip = _tar_blocks(size) if carries_data else 0
+        return start
+
+    def _read(self, count):
+        data = self.stream.read(count)
+        self.position += len(data)
+        return data
+
+    def _skip(self, count):
+        # Counted as skipped even past the end of a truncated stream: tarfile looks there too, and says so.
+        self.stream.seek(self.position + count)
+        self.position += count
+
+    def _size(self, header):
+        """The size ``header`` declares, once its checksum holds."""
+        try:
+            if tarfile.nti(header[148:156]) in tarfile.calc_chksums(header):
+                return tarfile.nti(header[124:136])
+        except tarfile.HeaderError:  # a number that is not one
+            pass
+        raise DownloadError(f"{self.source}: not a readable archive (a damaged header at byte "
+                            f"{self.position - TAR_BLOCK})")
+
+    def _refuse(self, name, reason):
+        raise DownloadError(f"{self.source}: refusing archive member '{name}' ({reason})")
+
+
+def _ustar_name(header):
+    """A member's name as its ustar header gives it (prefix and name), for messages."""
+    name, prefix = (header[start:end].split(b'\0')[0] for start, end in ((0, 100), (345, 500)))
+    return (prefix + b'/' + name if prefix else name).decode('utf-8', 'replace')
+
+
+def _tar_blocks(size):
+    """The bytes ``size`` bytes of a member take in a tar stream: whole blocks."""
+    return -(-size // TAR_BLOCK) * TAR_BLOCK
 
 
 def _zip_members(archive):

@@ -22,7 +22,7 @@ import paddle
 import pytest
 
 from conftest import Handler
-from emanet.download import DownloadError, cached_path, weights_path
+from emanet.download import DownloadError, cache_location, cached_path, weights_path
 
 
 def downloaded_files(folder):
@@ -321,4 +321,123 @@ def test_a_declared_size_over_the_cap_is_refused_before_downloading(server, tmp_
     url = f'{server}/zoo/model.pdparams'
     with pytest.raises(DownloadError, match=f'^{re.escape(url)}: the download exceeds 1000 bytes'):
         cached_path(url, cache_dir=str(tmp_path))
+    assert not downloaded_files(tmp_path)
+
+
+# Time: one download, and the wait for another process's download, each end by a deadline.
+
+def raised_within(seconds, function):
+    """The exception ``function`` raises, which it must raise within ``seconds``: a hang fails the test, not the run."""
+    outcome = []
+
+    def run():
+        try:
+            function()
+            outcome.append(None)
+        except Exception as error:
+            outcome.append(error)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f'still running after {seconds} seconds'
+    return outcome[0]
+
+
+@contextlib.contextmanager
+def serving_with(handler):
+    """A server on 127.0.0.1 answering with ``handler`` while the block runs; its base URL."""
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={'poll_interval': 0.02}, daemon=True)
+    thread.start()
+    try:
+        yield f'http://127.0.0.1:{httpd.server_address[1]}'
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+class Trickle(http.server.BaseHTTPRequestHandler):
+    """Promises 1000 bytes and sends one every half second: each read gets a byte well within its timeout."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header('Content-Length', '1000')
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            for _ in range(1000):
+                self.wfile.write(b'w')
+                self.wfile.flush()
+                time.sleep(0.5)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_trickling_download_ends_at_its_deadline(tmp_path, monkeypatch):
+    monkeypatch.setenv('EMANET_DOWNLOAD_DEADLINE', '2')
+    with serving_with(Trickle) as server:
+        url = f'{server}/zoo/model.pdparams'
+        start = time.monotonic()
+        error = raised_within(10, lambda: cached_path(url, cache_dir=str(tmp_path)))
+    assert isinstance(error, DownloadError)
+    assert str(error) == (f'{url}: the download took longer than 2.0 seconds (EMANET_DOWNLOAD_DEADLINE); '
+                          'raise that limit on a slow connection')
+    assert time.monotonic() - start < 5
+    assert not downloaded_files(tmp_path) and not list(tmp_path.rglob('*.part'))
+
+
+HOLD_A_LOCK = '''
+import sys, time
+from filelock import FileLock
+lock = FileLock(sys.argv[1])
+lock.acquire()
+print('held', flush=True)
+time.sleep(60)
+'''
+
+
+def test_waiting_for_another_processs_download_ends_at_its_deadline(server, tmp_path, monkeypatch):
+    monkeypatch.setenv('EMANET_DOWNLOAD_LOCK_WAIT', '1')
+    Handler.files['/zoo/model.pdparams'] = b'weights'
+    url = f'{server}/zoo/model.pdparams'
+    lock = cache_location(url, str(tmp_path)) + '.lock'
+    os.makedirs(os.path.dirname(lock))
+    holder = subprocess.Popen([sys.executable, '-c', HOLD_A_LOCK, lock], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == 'held\n'
+        start = time.monotonic()
+        error = raised_within(10, lambda: cached_path(url, cache_dir=str(tmp_path)))
+        waited = time.monotonic() - start
+    finally:
+        holder.kill()
+        holder.wait()
+    assert isinstance(error, DownloadError)
+    assert str(error) == (f'{url}: another process has held {lock} for more than 1.0 seconds '
+                          '(EMANET_DOWNLOAD_LOCK_WAIT) while fetching it; try again once it has finished')
+    assert 1 <= waited < 5
+    assert Handler.hits == []
+
+
+class MalformedLength(http.server.BaseHTTPRequestHandler):
+    """Answers with ``length`` as its Content-Length, the bytes as they are (a header's bytes are Latin-1)."""
+
+    length = b''
+
+    def do_GET(self):
+        self.wfile.write(b'HTTP/1.1 200 OK\r\nContent-Length: ' + self.length + b'\r\nConnection: close\r\n\r\nweights')
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize('length', ['²'.encode('latin-1'), '١٢٣'.encode(), b'+7', b'7 7'],
+                         ids=['superscript two', 'Arabic-Indic digits', 'plus sign', 'two numbers'])
+def test_a_content_length_that_is_not_ascii_digits_ends_in_one_sentence(tmp_path, monkeypatch, length):
+    monkeypatch.setattr(MalformedLength, 'length', length)
+    with serving_with(MalformedLength) as server:
+        url = f'{server}/zoo/model.pdparams'
+        as_received = repr(length.decode('latin-1'))  # a header's bytes are read as Latin-1
+        with pytest.raises(DownloadError, match=f'^{re.escape(url)}: the server gave a Content-Length that is not '
+                                                f'a number of bytes \\({re.escape(as_received)}\\)$'):
+            cached_path(url, cache_dir=str(tmp_path))
     assert not downloaded_files(tmp_path)
