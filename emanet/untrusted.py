@@ -64,7 +64,7 @@ def load_yaml(path, what, max_bytes=MAX_TEXT_BYTES):
         value = yaml.safe_load(text)
     except (yaml.YAMLError, RecursionError) as err:
         reason = ' '.join(str(err).split()) if isinstance(err, yaml.YAMLError) else 'nested too deeply'
-        raise UnreadableFile(f"{path}: not valid YAML, so not {what} ({reason})") from None
+        raise UnreadableFile(f"{path}: not valid YAML for {what} ({reason})") from None
     _check_size(value, path, what)
     return value
 
@@ -75,9 +75,9 @@ def load_json(path, what, max_bytes=MAX_TEXT_BYTES):
     try:
         value = json.loads(text)
     except ValueError as err:  # JSONDecodeError, and numbers with too many digits for int()
-        raise UnreadableFile(f"{path}: not valid JSON, so not {what} ({err})") from None
+        raise UnreadableFile(f"{path}: not valid JSON for {what} ({err})") from None
     except RecursionError:
-        raise UnreadableFile(f"{path}: nested more than Python can read, so not {what}") from None
+        raise UnreadableFile(f"{path}: nested more deeply than Python reads, not {what}") from None
     _check_size(value, path, what)
     return value
 

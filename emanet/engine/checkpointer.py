@@ -35,6 +35,7 @@ from emanet.checkpoint import (CheckpointError, float32_state_dict, load_optimiz
 from emanet.engine.metrics import json_ready
 from emanet.errors import UserError
 from emanet.logger import logger
+from emanet.untrusted import UnreadableFile, load_json
 
 CHECKPOINT_PREFIX = 'iter_'
 BEST_MODEL = 'best_model'
@@ -42,8 +43,6 @@ STATE_FILE = 'train_state.json'
 # ASCII digits only: str.isdigit() also takes '²', which int() refuses.
 CHECKPOINT_NAME = re.compile(r'iter_([0-9]+)')
 RUN_ID = re.compile(r'[0-9a-f]{32}')
-# A train state is a few kilobytes; a file far larger is not one, and is not read into memory.
-MAX_STATE_BYTES = 16 << 20
 
 
 class SaveDirInUse(UserError, FileExistsError):
@@ -277,17 +276,11 @@ def read_train_state(folder):
     state_file = os.path.join(folder, STATE_FILE)
     if not os.path.isfile(state_file):
         raise CheckpointError(f"{folder} is not a complete checkpoint (no {STATE_FILE})")
-    with open(state_file, 'rb') as f:
-        text = f.read(MAX_STATE_BYTES + 1)
-    state = None
-    if len(text) > MAX_STATE_BYTES:
-        problem = f"it is larger than {MAX_STATE_BYTES} bytes"
-    else:
-        try:
-            state = json.loads(text)
-            problem = _train_state_problem(state)
-        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError too
-            problem = "it is truncated or not JSON"
+    try:
+        state = load_json(state_file, "a checkpoint's train state")
+    except UnreadableFile as err:
+        raise CheckpointError(str(err)) from None
+    problem = _train_state_problem(state)
     if problem:
         raise CheckpointError(f"{state_file} is not a checkpoint's train state: {problem}")
     return state
@@ -300,6 +293,13 @@ def _train_state_problem(state):
     for key in ('iter', 'seed'):
         if not isinstance(state.get(key), int) or isinstance(state[key], bool) or state[key] < 0:
             return f"it has no whole-number '{key}'"
+    best = state.get('best', {'miou': -1.0, 'iter': -1})
+    if not (isinstance(best, dict) and isinstance(best.get('miou'), (int, float)) and not isinstance(best['miou'], bool)
+            and type(best.get('iter')) is int):
+        return "its 'best' is not a mapping of a number 'miou' and a whole-number 'iter'"
+    for key in ('data_order', 'grad_scaler', 'evaluation'):
+        if not isinstance(state.get(key, {}), dict):
+            return f"its '{key}' is not a mapping"
     run_id = state.get('run_id')
     if 'run_id' in state and not (isinstance(run_id, str) and RUN_ID.fullmatch(run_id)):
         return "its 'run_id' is not 32 hexadecimal digits"  # it names the run's leftovers: never a path
@@ -310,7 +310,8 @@ def load_checkpoint(folder, model, optimizer, scaler=None):
     """Restore model, optimizer (with its lr schedule and any master weights), EM bases and the
     GradScaler's loss scale from a checkpoint folder."""
     load_weights(model, os.path.join(folder, 'model.pdparams'))
-    load_optimizer_state(model, optimizer, read_state(os.path.join(folder, 'model.pdopt')))
+    optimizer_file = os.path.join(folder, 'model.pdopt')
+    load_optimizer_state(model, optimizer, read_state(optimizer_file), source=optimizer_file)
     saved_scaler = read_train_state(folder).get('grad_scaler')
     if scaler is not None and saved_scaler:
         scaler.load_state_dict(saved_scaler)

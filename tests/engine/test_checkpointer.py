@@ -187,12 +187,23 @@ def test_resume_latest_continues_the_run_of_the_newest_checkpoint_under_its_run_
     assert sorted(os.listdir(tmp_path)) == ['iter_2', 'iter_6']  # its run's iter_5 pruned, the other run's kept
 
 
+def test_a_truncated_train_state_is_named_in_one_sentence(tmp_path):
+    state_file = tmp_path / 'iter_4' / 'train_state.json'
+    state_file.parent.mkdir()
+    state_file.write_text('{"iter": 4, "se')
+    with pytest.raises(CheckpointError) as refused:
+        read_train_state(str(state_file.parent))
+    assert str(refused.value) == (f"{state_file}: not valid JSON for a checkpoint's train state "
+                                  "(Unterminated string starting at: line 1 column 13 (char 12))")
+
+
 @pytest.mark.parametrize('content, reason', [
-    ('{"iter": 4, "se', "it is truncated or not JSON"),
     ('[4]', "it holds a list, not a mapping"),
     ('{"seed": 0}', "it has no whole-number 'iter'"),
     ('{"iter": "4", "seed": 0}', "it has no whole-number 'iter'"),
     ('{"iter": 4, "seed": 0, "run_id": "../../elsewhere"}', "its 'run_id' is not 32 hexadecimal digits"),
+    ('{"iter": 4, "seed": 0, "best": [0.5]}', "its 'best' is not a mapping of a number 'miou' and a whole-number 'iter'"),
+    ('{"iter": 4, "seed": 0, "data_order": 8}', "its 'data_order' is not a mapping"),
 ])
 def test_a_damaged_train_state_is_named_in_one_sentence(tmp_path, content, reason):
     (tmp_path / 'iter_4').mkdir()

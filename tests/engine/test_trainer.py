@@ -196,7 +196,7 @@ def test_resume_latest_names_a_truncated_train_state(tiny_config, tmp_path):
     state_file.write_text(state_file.read_text()[:20])
     with pytest.raises(CheckpointError) as refused:
         train(load_config(tiny_config(), iters=4), save_dir=str(out), resume_model='latest')
-    assert str(refused.value) == f"{state_file} is not a checkpoint's train state: it is truncated or not JSON"
+    assert str(refused.value).startswith(f"{state_file}: not valid JSON for a checkpoint's train state (")
 
 
 class NaNAfterTwoCalls(paddle.nn.Layer):

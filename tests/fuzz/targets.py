@@ -74,7 +74,7 @@ def run_optimizer_state(data, folder):
     from emanet.checkpoint import load_optimizer_state, read_state
     path = folder / 'model.pdopt'
     path.write_bytes(data)
-    load_optimizer_state(tiny_model(), tiny_optimizer(), read_state(str(path)))
+    load_optimizer_state(tiny_model(), tiny_optimizer(), read_state(str(path)), source=str(path))
 
 
 def seed_optimizer_state(folder):
