@@ -356,7 +356,10 @@ def load_optimizer_state(model, optimizer, state, source='the optimizer state'):
     if MASTER_WEIGHTS_KEY in state:  # the optimizer uses them as tensors, as it made them
         state[MASTER_WEIGHTS_KEY] = {name: paddle.to_tensor(np.asarray(weight, np.float32))
                                      for name, weight in state[MASTER_WEIGHTS_KEY].items()}
-    optimizer.set_state_dict(state)
+    try:
+        optimizer.set_state_dict(state)
+    except AssertionError as err:  # Paddle asserts that every accumulator it keeps is in the state
+        raise CheckpointError(f"{source} does not fit this optimizer ({' '.join(str(err).split())[:200]})") from None
 
 
 def _check_optimizer_state(state, optimizer, source):

@@ -59,7 +59,9 @@ MAX_ARCHIVE_HEADER_BYTES = 16 << 10
 TAR_BLOCK = 512
 CHUNK_BYTES = 1 << 20
 # Errors of a damaged or truncated archive, from the archive modules and the decompressors below them.
-ARCHIVE_READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error, lzma.LZMAError)
+# NotImplementedError: zipfile's answer to a compression method or version it does not know.
+ARCHIVE_READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error, lzma.LZMAError,
+                       NotImplementedError)
 
 
 def timeout_seconds():
@@ -266,6 +268,9 @@ def _fetch(url, out):
     except (requests.RequestException, urllib3.exceptions.HTTPError) as err:
         raise DownloadError(f"could not download {url}: {err.__class__.__name__}; check the network, "
                             f"or download it by hand and pass the local path") from None
+    except UnicodeError:  # requests decodes a redirect's Location as UTF-8
+        raise DownloadError(f"could not download {url}: the server's answer holds a header that is not text "
+                            f"(not HTTP as a web server sends it)") from None
     if expected_size is not None and size != expected_size:
         raise DownloadError(f"{url}: download incomplete ({size} of {expected_size} bytes)")
     if re.fullmatch(r'[0-9a-f]{32}', etag) and md5.hexdigest() != etag:
@@ -376,7 +381,7 @@ def unpack_archive(archive_path, destination, source=None):
                 members = _tar_members(opened, archive_path, os.path.abspath(destination), source)
             checked = _checked_members(members, destination, source)
         except ARCHIVE_READ_ERRORS as err:
-            raise DownloadError(f"{source}: not a readable archive ({err})") from None
+            raise DownloadError(f"{source}: not a readable archive ({' '.join(str(err).split())})") from None
         limit, written = max_download_bytes(), 0
         for member, path in checked:
             try:
@@ -598,5 +603,5 @@ def _zip_members(archive):
         elif file_type not in (0, stat.S_IFREG, stat.S_IFDIR):
             kind = 'other'
         else:
-            kind = 'folder' if info.is_dir() or file_type == stat.S_IFDIR else 'file'
+            kind = 'folder' if info.filename.endswith('/') or file_type == stat.S_IFDIR else 'file'
         yield _Member(info.filename, kind, info.file_size, lambda info=info: archive.open(info))

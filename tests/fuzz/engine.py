@@ -105,10 +105,10 @@ def mutate(seed, edits):
     """``seed`` with ``edits`` applied in order; each edit's position is a fraction of the current length."""
     data = bytearray(seed)
     for kind, where, *args in edits:
-        at = min(int(where * len(data)), max(len(data) - 1, 0))
+        at = min(int(where * len(data)), len(data))
         if kind == 'set_byte':
             if data:
-                data[at] = args[0]
+                data[min(at, len(data) - 1)] = args[0]
         elif kind == 'insert':
             data[at:at] = args[0]
         elif kind == 'delete':

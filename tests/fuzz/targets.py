@@ -36,8 +36,10 @@ def tiny_model():
     return paddle.nn.Sequential(paddle.nn.Conv2D(3, 4, 3), paddle.nn.BatchNorm2D(4), paddle.nn.Conv2D(4, 2, 1))
 
 
+@functools.lru_cache(maxsize=None)
 def tiny_optimizer():
-    """A momentum optimizer on ``tiny_model`` after one step: velocities and an lr schedule in its state."""
+    """A momentum optimizer on ``tiny_model`` after one step: velocities and an lr schedule in its state.
+    One per process, as in training: Paddle numbers the accumulators of each new optimizer anew."""
     import paddle
     model = tiny_model()
     schedule = paddle.optimizer.lr.PolynomialDecay(0.01, decay_steps=10, power=0.9)
@@ -251,7 +253,7 @@ def run_train_state(data, folder):
 
 
 def seed_train_state(folder):
-    state = {'iter': 4, 'seed': 7, 'best_score': 0.25, 'best_iter': 2, 'run_id': '0123456789abcdef',
+    state = {'iter': 4, 'seed': 7, 'best_score': 0.25, 'best_iter': 2, 'run_id': '0123456789abcdef' * 2,
              'data_order': {'train_images': 8, 'batch_size': 2, 'processes': 1, 'iters': 8},
              'evaluation': {'mIoU': 0.25, 'class_iou': [0.5, 0.25, 0.0]}, 'grad_scaler': {}}
     return [json.dumps(state, indent=2).encode()]
