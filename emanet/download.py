@@ -46,6 +46,7 @@ import urllib3
 from tqdm import tqdm
 
 from emanet.errors import UserError
+from emanet.untrusted import load_json
 
 CACHE_DIR = os.environ.get('EMANET_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'emanet'))
 ARCHIVE_SUFFIXES = ('.tar.gz', '.tgz', '.tar', '.zip')
@@ -188,11 +189,10 @@ def _intact_record(target, sha256):
     recomputed only when the caller gives ``sha256``.
     """
     try:
-        with open(_record_path(target)) as file:
-            record = json.load(file)
+        record = load_json(_record_path(target), "a download's record")
         intact = os.path.getsize(target) == record['size'] and (
             sha256 is None or record['sha256'] == sha256.lower() == _file_sha256(target))
-    except (OSError, ValueError, KeyError, TypeError):  # no file, no record, or a damaged record
+    except (OSError, ValueError, KeyError, TypeError, UserError):  # no file, no record, or a damaged record
         return None
     return record if intact else None
 

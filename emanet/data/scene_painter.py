@@ -29,6 +29,8 @@ from cityscapesscripts.helpers.labels import name2label
 
 from emanet.data.cityscapes import ID_TO_TRAIN_ID
 from emanet.data.files import convert_all
+from emanet.errors import UserError
+from emanet.untrusted import load_json
 
 # The Cityscapes classes the scenes contain; the label maps keep the full 19-class trainId space.
 SCENE_CLASSES = ('road', 'sidewalk', 'building', 'vegetation', 'sky', 'person', 'car')
@@ -136,9 +138,8 @@ def draw_street_scene(rng, size=DEFAULT_SIZE):
 
 def _read_marker(path):
     try:
-        with open(path) as marker:
-            return json.load(marker)
-    except (OSError, ValueError):
+        return load_json(path, "a generated scene's marker")
+    except UserError:
         return None
 
 

@@ -22,6 +22,7 @@ import re
 import yaml
 
 from emanet.errors import InvalidInput, Unsupported
+from emanet.untrusted import load_mapping
 
 # Versions of PaddleX this integration was tested with (tests/integrations/test_paddlex.py).
 SUPPORTED_PADDLEX = ('3.7.2',)
@@ -114,9 +115,8 @@ def model_name_of(model_dir):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: not a PaddleX model folder (tools/export.py --format paddlex "
                                 f"writes one)")
-    with open(path) as f:
-        config = yaml.safe_load(f) or {}
-    name = (config.get('Global') or {}).get('model_name') if isinstance(config, dict) else None
+    config = load_mapping(path, 'a PaddleX model config')
+    name = (config.get('Global') or {}).get('model_name') if isinstance(config.get('Global'), dict) else None
     if name is None:
         raise InvalidInput(f"{path}: no Global.model_name")
     return check_model_name(name)
@@ -188,11 +188,7 @@ def load_pipeline_config(config):
         return config
     if not os.path.isfile(config):
         raise FileNotFoundError(f"pipeline config not found: {config}")
-    with open(config) as f:
-        loaded = yaml.safe_load(f)
-    if not isinstance(loaded, dict):
-        raise InvalidInput(f"{config}: not a PaddleX pipeline config (a mapping)")
-    return loaded
+    return load_mapping(config, 'a PaddleX pipeline config')
 
 
 def serving_app(pipeline, config):
