@@ -80,7 +80,7 @@ def test_checkpoints_hold_the_float32_master_weights_not_the_half_precision_copi
     np.testing.assert_array_equal(state[weight].numpy(), masters[names[weight]].numpy())
     assert state['head.emau.mu'].dtype == paddle.float32
 
-    checkpointer.save_checkpoint(str(tmp_path / 'iter_1'), model, optimizer, {'iter': 1, 'seed': 0, 'best': {}})
+    checkpointer.save_checkpoint(str(tmp_path / 'iter_1'), model, optimizer, {'iter': 1, 'seed': 0, 'best': {'miou': -1.0, 'iter': -1}})
     restored = small_emanet(seed=1)
     restored_optimizer = paddle.optimizer.Momentum(0.01, parameters=restored.parameters(), multi_precision=True)
     checkpointer.load_checkpoint(str(tmp_path / 'iter_1'), restored, restored_optimizer)
@@ -108,7 +108,7 @@ def test_the_loss_scale_survives_save_and_resume(tmp_path):
     model = small_emanet()
     optimizer = paddle.optimizer.Momentum(0.01, parameters=model.parameters())
     scaler = enabled_scaler()
-    checkpointer.save_checkpoint(str(tmp_path / 'iter_5'), model, optimizer, {'iter': 5, 'seed': 0, 'best': {}}, scaler)
+    checkpointer.save_checkpoint(str(tmp_path / 'iter_5'), model, optimizer, {'iter': 5, 'seed': 0, 'best': {'miou': -1.0, 'iter': -1}}, scaler)
     saved = json.loads((tmp_path / 'iter_5' / 'train_state.json').read_text())['grad_scaler']
     assert saved['scale'] == [4096.0] and saved['incr_count'] == 17
 
@@ -125,6 +125,6 @@ def test_the_loss_scale_survives_save_and_resume(tmp_path):
 def test_without_a_scaler_the_state_has_no_scaler_entry(tmp_path):
     model = small_emanet()
     optimizer = paddle.optimizer.Momentum(0.01, parameters=model.parameters())
-    checkpointer.save_checkpoint(str(tmp_path / 'iter_1'), model, optimizer, {'iter': 1, 'seed': 0, 'best': {}},
+    checkpointer.save_checkpoint(str(tmp_path / 'iter_1'), model, optimizer, {'iter': 1, 'seed': 0, 'best': {'miou': -1.0, 'iter': -1}},
                             paddle.amp.GradScaler())  # disabled on CPU
     assert 'grad_scaler' not in json.loads((tmp_path / 'iter_1' / 'train_state.json').read_text())
