@@ -16,7 +16,7 @@ import paddle.nn.functional as F
 from paddleseg.cvlibs import manager
 from paddleseg.transforms import Compose
 
-from emanet.errors import InvalidInput
+from emanet.errors import InvalidInput, MissingFile
 from emanet.test_time import InferenceOptions, augmented_logits
 from emanet.tiles import pixelwise, stream_labels
 
@@ -84,7 +84,10 @@ def read_image(image):
         path = str(image)
         image = cv2.imread(path, cv2.IMREAD_COLOR)
         if image is None:
-            raise FileNotFoundError(f"cannot read image: {path}")
+            if not os.path.isfile(path):
+                raise MissingFile(f"image not found: {path}")
+            raise InvalidInput(f"{path}: cannot be decoded as an image (not an image, a damaged one, or more "
+                               f"pixels than OpenCV reads)")
         return image
     if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3):
         raise InvalidInput(f"an image must be a path or a BGR array [H, W, 3], got {type(image).__name__} "

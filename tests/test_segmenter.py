@@ -62,3 +62,13 @@ def test_options_come_from_test_config_with_command_line_overrides():
     assert options.augmented and not InferenceOptions(flip_horizontal=True).augmented  # flips need aug_eval
     with pytest.raises(ValueError, match="test_config has unknown key 'flip'; known: aug_eval, scales"):
         InferenceOptions.from_config({'flip': True})
+
+
+def test_an_image_that_is_missing_or_cannot_be_decoded_is_one_user_error(tmp_path):
+    from emanet.errors import UserError
+    from emanet.segmenter import read_image
+    with pytest.raises(UserError, match=r'image not found: .*nope\.jpg'):
+        read_image(str(tmp_path / 'nope.jpg'))
+    (tmp_path / 'cut.png').write_bytes(b'\x89PNG\r\n\x1a\n\x00\x00')
+    with pytest.raises(UserError, match=r'cut\.png: cannot be decoded as an image'):
+        read_image(str(tmp_path / 'cut.png'))
