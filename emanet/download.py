@@ -46,7 +46,7 @@ import urllib3
 from tqdm import tqdm
 
 from emanet.errors import UserError
-from emanet.untrusted import load_json
+from emanet.untrusted import budget_from_environment, load_json
 
 CACHE_DIR = os.environ.get('EMANET_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'emanet'))
 ARCHIVE_SUFFIXES = ('.tar.gz', '.tgz', '.tar', '.zip')
@@ -67,23 +67,23 @@ ARCHIVE_READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, 
 
 def timeout_seconds():
     """Seconds to wait for a server to answer (EMANET_DOWNLOAD_TIMEOUT, default 15)."""
-    return float(os.environ.get('EMANET_DOWNLOAD_TIMEOUT', 15))
+    return budget_from_environment('EMANET_DOWNLOAD_TIMEOUT', 15.0)
 
 
 def deadline_seconds():
     """Seconds one download may take in all (EMANET_DOWNLOAD_DEADLINE, default 3600)."""
-    return float(os.environ.get('EMANET_DOWNLOAD_DEADLINE', 3600))
+    return budget_from_environment('EMANET_DOWNLOAD_DEADLINE', 3600.0)
 
 
 def lock_wait_seconds():
     """Seconds to wait for another process downloading or unpacking the same file (EMANET_DOWNLOAD_LOCK_WAIT,
     default the download deadline and 10 minutes for unpacking)."""
-    return float(os.environ.get('EMANET_DOWNLOAD_LOCK_WAIT', deadline_seconds() + 600))
+    return budget_from_environment('EMANET_DOWNLOAD_LOCK_WAIT', deadline_seconds() + 600)
 
 
 def max_download_bytes():
     """The largest download, and the most an archive may unpack to (EMANET_MAX_DOWNLOAD_BYTES, default 4 GiB)."""
-    return int(os.environ.get('EMANET_MAX_DOWNLOAD_BYTES', 4 << 30))
+    return budget_from_environment('EMANET_MAX_DOWNLOAD_BYTES', 4 << 30, int)
 
 
 class DownloadError(UserError, RuntimeError):

@@ -18,6 +18,7 @@ redirects, members, header sizes), images and labels (``emanet.data.loading``: p
 Every one of them has a fuzz target in ``tests/fuzz``.
 """
 import json
+import os
 
 import yaml
 
@@ -89,6 +90,22 @@ def load_mapping(path, what, loader=load_yaml, max_bytes=MAX_TEXT_BYTES):
         return {}
     if not isinstance(value, dict):
         raise UnreadableFile(f"{path}: {what} is a mapping of keys, this file holds a {type(value).__name__}")
+    return value
+
+
+def budget_from_environment(variable, default, kind=float):
+    """The budget ``variable`` sets (a positive number of ``kind``), else ``default``; one sentence when it is
+    not such a number."""
+    text = os.environ.get(variable)
+    if text is None:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not value > 0 or value != value or value == float('inf'):
+        unit = 'whole number' if kind is int else 'number'
+        raise InvalidInput(f"{variable} must be a positive {unit}, got '{text}'")
     return value
 
 

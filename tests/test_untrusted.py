@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from emanet.errors import InvalidInput
 from emanet.untrusted import MAX_TEXT_DEPTH, MAX_TEXT_VALUES, UnreadableFile, load_json, load_mapping, load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,3 +98,17 @@ def test_a_missing_file_and_a_folder_are_named(tmp_path):
         load_yaml(tmp_path / 'nope.yml', 'a config')
     with pytest.raises(UnreadableFile, match=r': a folder, not a config'):
         load_yaml(tmp_path, 'a config')
+
+
+@pytest.mark.parametrize('text', ['soon', '-5', '0', 'nan', 'inf', '1²'])
+def test_a_budget_set_to_something_other_than_a_positive_number_is_named(monkeypatch, text):
+    from emanet.download import deadline_seconds
+    monkeypatch.setenv('EMANET_DOWNLOAD_DEADLINE', text)
+    with pytest.raises(InvalidInput, match=rf"^EMANET_DOWNLOAD_DEADLINE must be a positive number, got '{text}'$"):
+        deadline_seconds()
+
+
+def test_a_budget_set_to_a_number_is_taken(monkeypatch):
+    from emanet.download import max_download_bytes
+    monkeypatch.setenv('EMANET_MAX_DOWNLOAD_BYTES', '1000')
+    assert max_download_bytes() == 1000

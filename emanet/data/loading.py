@@ -93,7 +93,7 @@ def max_sample_pixels():
     text = os.environ.get(MAX_PIXELS_VARIABLE)
     if text is None:
         return MAX_SAMPLE_PIXELS
-    if not text.isdigit() or int(text) == 0:
+    if not (text.isascii() and text.isdigit()) or int(text) == 0:  # isdigit() alone takes '²'
         raise InvalidInput(f"{MAX_PIXELS_VARIABLE} must be a positive whole number of pixels, got '{text}'")
     return int(text)
 

@@ -229,10 +229,11 @@ def test_the_pixel_limit_is_named_and_can_be_set_from_the_environment(dataset_co
     monkeypatch.setenv(MAX_PIXELS_VARIABLE, str(48 * 32))
     image, _, _ = load_sample(val_dataset(config), 0)
     assert image.shape == (3, 32, 48)
-    monkeypatch.setenv(MAX_PIXELS_VARIABLE, '2e8')
-    with pytest.raises(InvalidInput, match=rf"^{MAX_PIXELS_VARIABLE} must be a positive whole number of pixels, "
-                                           r"got '2e8'$"):
-        EvalSamples(val_dataset(config))
+    for text in ('2e8', '2²'):
+        monkeypatch.setenv(MAX_PIXELS_VARIABLE, text)
+        with pytest.raises(InvalidInput, match=rf"^{MAX_PIXELS_VARIABLE} must be a positive whole number of pixels, "
+                                               rf"got '{text}'$"):
+            EvalSamples(val_dataset(config))
 
 
 @pytest.mark.filterwarnings('ignore::PIL.Image.DecompressionBombWarning')
