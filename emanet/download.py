@@ -61,8 +61,9 @@ TAR_BLOCK = 512
 CHUNK_BYTES = 1 << 20
 # Errors of a damaged or truncated archive, from the archive modules and the decompressors below them.
 # NotImplementedError: zipfile's answer to a compression method or version it does not know.
+# UnicodeDecodeError: a zip member's name flagged as UTF-8 that is not.
 ARCHIVE_READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error, lzma.LZMAError,
-                       NotImplementedError)
+                       NotImplementedError, UnicodeDecodeError)
 
 
 def timeout_seconds():

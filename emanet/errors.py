@@ -8,7 +8,15 @@ fits (``ValueError``, ``RuntimeError``...), so code catching the built-in class 
 
 
 class UserError(Exception):
-    """An error the user can fix; its message names the file, URL, flag or key at fault."""
+    """An error the user can fix; its message names the file, URL, flag or key at fault.
+
+    Its text is one line whatever it quotes: a name taken from a hostile file (an archive member, a
+    _base_ file, a key) may hold line breaks or terminal control characters, shown escaped.
+    """
+
+    def __str__(self):
+        return ''.join(c if c.isprintable() else c.encode('unicode_escape').decode('ascii')
+                       for c in super().__str__())
 
 
 class InvalidInput(UserError, ValueError):

@@ -112,3 +112,11 @@ def test_a_budget_set_to_a_number_is_taken(monkeypatch):
     from emanet.download import max_download_bytes
     monkeypatch.setenv('EMANET_MAX_DOWNLOAD_BYTES', '1000')
     assert max_download_bytes() == 1000
+
+
+def test_a_user_error_is_one_line_whatever_name_it_quotes():
+    """Names come from hostile files (archive members, _base_ files, keys): their line breaks and terminal
+    control characters are shown escaped, so the tools' `error:` line stays one line."""
+    assert str(InvalidInput("refusing archive member 'a\nb\x1b[2J' (a link)")) == \
+        "refusing archive member 'a\\nb\\x1b[2J' (a link)"
+    assert str(InvalidInput('café 名')) == 'café 名'
