@@ -47,7 +47,8 @@ class ModelDescription:
 
 def describe_model(model, model_cfg=None, dataset_class=None, source=None):
     """The ``ModelDescription`` of ``model``, with the config's ``model`` section (for what the built model does not
-    keep, such as the backbone's name and output stride) and the val set's class (its CLASS_NAMES and PALETTE, if any)."""
+    keep, such as the backbone's name and output stride) and the val set's class (its CLASS_NAMES and PALETTE, if
+    any)."""
     unit = find_em_unit(model)
     backbone_cfg = (model_cfg or {}).get('backbone') or {}
     # The config's name: PaddleSeg's ResNet18_vd is a function building a ResNet_vd.
@@ -124,7 +125,8 @@ def write_model_card(folder, shown_path, description, agreement, check_images, m
         '## Run it',
         '',
         '```bash',
-        f'python tools/infer.py --config {shlex.quote(str(shown_path))} --image_path {IMAGE_PLACEHOLDER} --save_dir output/result',
+        f'python tools/infer.py --config {shlex.quote(str(shown_path))} --image_path {IMAGE_PLACEHOLDER} '
+        '--save_dir output/result',
         '```',
         '',
         '```python',
