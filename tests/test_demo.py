@@ -4,8 +4,10 @@ import io
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -201,14 +203,11 @@ def drive_page(url, image, broken, screenshot):
 @pytest.mark.skipif(chromium_missing() is not None, reason=chromium_missing() or '')
 def test_in_a_browser_the_page_shows_the_mask_predict_writes_and_a_bad_file_as_one_sentence(
         scenes_config, weights, tmp_path):
-    import socket
     from emanet.demo import build_demo, example_images, launch
     config, image = scenes_config
     demo = demo_of(config, weights)
     page = build_demo(demo, example_images(str(tmp_path / 'examples'), count=2, size=(128, 64)))
-    with socket.socket() as probe:  # a free port on the loopback
-        probe.bind(('127.0.0.1', 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     start = time.perf_counter()
     _, url, _ = launch(page, demo, port=port, examples_dir=str(tmp_path / 'examples'), block=False)
     try:
@@ -225,3 +224,43 @@ def test_in_a_browser_the_page_shows_the_mask_predict_writes_and_a_bad_file_as_o
     assert 'Traceback' not in status and len(status.strip().splitlines()) == 1
     assert os.path.getsize(tmp_path / 'demo.png') > 10000
     assert time.perf_counter() - start < 60
+
+
+def free_port():
+    import socket
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        return probe.getsockname()[1]
+
+
+def test_weights_without_a_config_are_one_sentence(weights):
+    result = subprocess.run([sys.executable, os.path.join(TOOLS, 'demo.py'), '--model_path', weights],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --model_path {weights} is weights: give the --config they were trained with")
+
+
+@pytest.mark.slow
+@needs_gradio
+def test_the_tool_serves_the_page_on_the_loopback(scenes_config, weights, tmp_path):
+    port = free_port()
+    server = subprocess.Popen([sys.executable, os.path.join(TOOLS, 'demo.py'), '--config', scenes_config[0],
+                               '--model_path', weights, '--port', str(port), '--examples', '1'],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                              env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    lines = []
+    threading.Thread(target=lambda: lines.extend(server.stdout), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 120
+        while not any(f'Demo page on http://127.0.0.1:{port}' in line for line in lines):
+            assert server.poll() is None and time.monotonic() < deadline, ''.join(lines)[-3000:]
+            time.sleep(0.2)
+        with urllib.request.urlopen(f'http://127.0.0.1:{port}/', timeout=10) as response:
+            assert response.status == 200 and b'EMANet demo' in response.read()
+    finally:
+        server.send_signal(signal.SIGINT)  # Ctrl+C
+        server.wait(timeout=30)
+    output = ''.join(lines)
+    assert f'Demo page on http://127.0.0.1:{port}' in output
+    assert server.returncode == 0, output[-3000:]

@@ -3,6 +3,7 @@ python tools/demo.py --config CFG --model_path model.pdparams   (weights: with t
 python tools/demo.py --model_path output/inference_model      (a folder written by tools/export.py)
 Serves http://127.0.0.1:7860 (--host 0.0.0.0 to serve other machines)."""
 import argparse
+import logging
 import os
 import tempfile
 
@@ -58,6 +59,7 @@ def sliding_window(args, cfg):
 
 def main(args):
     require_gradio()  # before a model is loaded
+    logging.getLogger('httpx').setLevel(logging.WARNING)  # Gradio's check that its own server is up, per request
     set_device(args.device)
     if os.path.isdir(args.model_path):
         cfg = load_config_from_args(args, training=False) if args.config else None
