@@ -274,7 +274,7 @@ def build_demo(demo, examples=()):
                     gr.Examples(examples=[[path] for path in examples], inputs=[upload], label='Drawn street scenes')
             with gr.Column():
                 status = gr.Markdown(elem_id='status')
-                shown = gr.Image(label='Segmentation over the image', format='png', type='numpy',
+                shown = gr.Image(label='Segmentation over the image', format='png', type='numpy', height=320,
                                  interactive=False, elem_id='overlay')
                 legend = gr.HTML(elem_id='legend')
                 labels = gr.File(label='Labels (palette PNG, as tools/predict.py writes)', interactive=False,

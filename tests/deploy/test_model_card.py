@@ -85,3 +85,31 @@ def test_a_deploy_config_with_wrong_classes_is_one_sentence(tmp_path, key, value
     (tmp_path / 'deploy.yaml').write_text(yaml.safe_dump({'Deploy': deploy}))
     with pytest.raises(InvalidInput, match=rf'Deploy\.{key} must be {expected}'):
         read_deploy_config(str(tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('export_format, rows', [
+    ('onnx', ['| Format | onnx (deploy.yaml, model.onnx) |',
+              '| Runtime | ONNX Runtime (CPU); OpenVINO reads it too (`--backend openvino`) |']),
+    ('openvino', ['| Format | openvino (deploy.yaml, model.bin, model.xml) |', '| Runtime | OpenVINO (CPU) |']),
+    ('paddlex', ['| Format | paddlex (deploy.yaml, inference.json, inference.pdiparams, inference.yml) |',
+                 '| Runtime | Paddle Inference (CPU and GPU); PaddleX 3 as model `EMANet-R18` (see inference.yml) |',
+                 '| Output | labels [N, H, W] int32']),
+])
+def test_every_format_has_its_card(tmp_path, export_format, rows):
+    import conftest
+    if export_format != 'paddlex' and conftest.ONNX_EXPORT_MISSING:
+        pytest.skip(conftest.ONNX_EXPORT_MISSING)
+    if export_format == 'openvino' and conftest.OPENVINO_MISSING:
+        pytest.skip(conftest.OPENVINO_MISSING)
+    from test_export import TRANSFORMS, tiny_emanet
+    model = tiny_emanet()
+    image = np.random.RandomState(0).randint(0, 256, (32, 48, 3)).astype(np.uint8)
+    _, agreement, _ = export_checked(model, str(tmp_path / 'export'), TRANSFORMS,
+                                     preprocessed_images([image], TRANSFORMS), export_format=export_format,
+                                     paddlex_name='EMANet-R18' if export_format == 'paddlex' else None)
+    card = (tmp_path / 'export' / 'README.md').read_text()
+    for row in rows:
+        assert row in card
+    assert '| 4 | class 4 |' in card  # the model alone names no classes
+    assert f'{agreement:.4%} of the pixel labels equal on 1 image' in card
