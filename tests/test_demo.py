@@ -72,6 +72,7 @@ def truncated_copy(image, folder):
     return path
 
 
+@pytest.mark.slow
 def test_importing_the_demo_imports_no_gradio():
     code = 'import sys, emanet.demo; print("gradio" in sys.modules)'
     result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
@@ -234,11 +235,11 @@ def free_port():
 
 
 def test_weights_without_a_config_are_one_sentence(weights):
-    result = subprocess.run([sys.executable, os.path.join(TOOLS, 'demo.py'), '--model_path', weights],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == (
-        f"error: --model_path {weights} is weights: give the --config they were trained with")
+    from conftest import run_tool_in_process
+    from emanet.errors import InvalidInput
+    with pytest.raises(InvalidInput, match=rf"^--model_path {re.escape(weights)} is weights: give the --config they "
+                                           r"were trained with$"):
+        run_tool_in_process('demo.py', '--model_path', weights)
 
 
 @pytest.mark.slow

@@ -58,14 +58,14 @@ def sliding_window(args, cfg):
 
 
 def main(args):
+    if not os.path.isdir(args.model_path) and args.config is None:
+        raise InvalidInput(f"--model_path {args.model_path} is weights: give the --config they were trained with")
     require_gradio()  # before a model is loaded
     logging.getLogger('httpx').setLevel(logging.WARNING)  # Gradio's check that its own server is up, per request
     set_device(args.device)
     if os.path.isdir(args.model_path):
         cfg = load_config_from_args(args, training=False) if args.config else None
         model = model_from_export(args.model_path, backend=args.backend, window=sliding_window(args, cfg))
-    elif args.config is None:
-        raise InvalidInput(f"--model_path {args.model_path} is weights: give the --config they were trained with")
     else:
         cfg = load_config_from_args(args, training=False)
         model = model_from_config(cfg, args.model_path, window=sliding_window(args, cfg))
