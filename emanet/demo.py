@@ -229,7 +229,7 @@ class Demo:
             name = self.model.class_names[index] if index < len(self.model.class_names) else f'class {index}'
             rows.append(f'<li data-class="{index}"><span style="display:inline-block;width:1em;height:1em;'
                         f'background:rgb({r},{g},{b});vertical-align:middle;margin-right:.4em"></span>'
-                        f'{html.escape(name)}: {counts[index] / label.size:.1%}</li>')
+                        f'{html.escape(name)}: {_share(counts[index] / label.size)}</li>')
         return '<ul class="emanet-legend" style="list-style:none;padding:0">' + ''.join(rows) + '</ul>'
 
     def save_labels(self, label, colors, path):
@@ -241,6 +241,10 @@ class Demo:
         while len(self.results) > KEPT_RESULTS:
             shutil.rmtree(self.results.popleft(), ignore_errors=True)
         return file
+
+
+def _share(fraction):
+    return f'{fraction:.1%}' if fraction >= 0.0005 else '<0.1%'
 
 
 def example_images(folder, count=4, size=(512, 256), seed=2026):

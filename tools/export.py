@@ -134,7 +134,7 @@ def main(args):
     if calibration is not None and args.miou_images:
         val_dataset = first_images(Builder(cfg).val_dataset, args.miou_images)
     description = describe_model(model, cfg.dic.get('model'), Builder(cfg).val_dataset_class,
-                                 source=f'`{args.model_path}` with `{args.config}`')
+                                 weights=args.model_path, config=args.config)
     export_checked(model, args.save_dir, transforms, check_images, export_format=args.format,
                    input_shape=args.input_shape, output_op=args.output_op, calibration=calibration,
                    min_agreement=args.min_agreement, val_dataset=val_dataset, paddlex_name=paddlex_name,

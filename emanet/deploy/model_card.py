@@ -34,7 +34,8 @@ class ModelDescription:
         em_unit: '16 bases, 3 EM iterations'.
         class_names: one name per class, or None ('class 0', 'class 1', ...).
         palette: an RGB colour per class, or None (PaddleSeg's colours, as the tools draw them).
-        source: where the weights came from ('model.pdparams, configs/quickstart.yml'), or None.
+        weights: the weights it was exported from, or None.
+        config: the config they were trained with, or None.
     """
     architecture: str
     backbone: str
@@ -42,10 +43,11 @@ class ModelDescription:
     em_unit: str
     class_names: tuple = None
     palette: tuple = None
-    source: str = None
+    weights: str = None
+    config: str = None
 
 
-def describe_model(model, model_cfg=None, dataset_class=None, source=None):
+def describe_model(model, model_cfg=None, dataset_class=None, weights=None, config=None):
     """The ``ModelDescription`` of ``model``, with the config's ``model`` section (for what the built model does not
     keep, such as the backbone's name and output stride) and the val set's class (its CLASS_NAMES and PALETTE, if
     any)."""
@@ -57,7 +59,7 @@ def describe_model(model, model_cfg=None, dataset_class=None, source=None):
                             output_stride=backbone_cfg.get('output_stride'),
                             em_unit=f'{unit.mu.shape[-1]} bases, {unit.stage_num} EM iterations',
                             class_names=getattr(dataset_class, 'CLASS_NAMES', None),
-                            palette=getattr(dataset_class, 'PALETTE', None), source=source)
+                            palette=getattr(dataset_class, 'PALETTE', None), weights=weights, config=config)
 
 
 def classes(description, num_classes):
@@ -103,7 +105,8 @@ def write_model_card(folder, shown_path, description, agreement, check_images, m
         f'# {description.architecture} ({description.backbone}) for {runtime_name}',
         '',
         f'Written by `tools/export.py` (emanet-paddle) on {datetime.date.today().isoformat()}'
-        + (f', from {description.source}' if description.source else '') + '.',
+        + (f', from `{description.weights}`' if description.weights else '')
+        + (f' with `{description.config}`' if description.config else '') + '.',
         '',
         '| | |',
         '|---|---|',
@@ -119,8 +122,8 @@ def write_model_card(folder, shown_path, description, agreement, check_images, m
         f'| Agreement with the dygraph model | {agreement:.4%} of the pixel labels equal on {check_images} '
         f'image{"s" if check_images != 1 else ""} (at least {min_agreement:.2%} required) |',
         '| mIoU | ' + (f"{miou['int8']:.4f} int8, {miou['fp32']:.4f} fp32 (measured by the export on the val set)"
-                       if miou else 'not measured by the export: `python tools/val.py --config CONFIG '
-                                    f'--model_path {shown_path}`') + ' |',
+                       if miou else 'not measured by the export: `python tools/val.py --config '
+                                    f'{description.config or "CONFIG"} --model_path {shown_path}`') + ' |',
         '',
         '## Run it',
         '',

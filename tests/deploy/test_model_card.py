@@ -34,7 +34,8 @@ def test_the_card_names_the_classes_gives_the_check_and_its_commands_run(tmp_pat
     builder = Builder(cfg)
     image = builder.val_dataset.file_list[0][0]
     transforms = cfg.val_dataset_cfg['transforms']
-    description = describe_model(model, cfg.dic['model'], builder.val_dataset_class, source='random weights')
+    description = describe_model(model, cfg.dic['model'], builder.val_dataset_class,
+                                 weights='model.pdparams', config=str(config))
     save_dir = tmp_path / 'inference'
     _, agreement, miou = export_checked(model, str(save_dir), transforms, preprocessed_images([image], transforms),
                                         description=description)
@@ -43,7 +44,8 @@ def test_the_card_names_the_classes_gives_the_check_and_its_commands_run(tmp_pat
     assert card.startswith('# EMANet (ResNet18_vd) for Paddle Inference\n')
     assert 'ResNet18_vd backbone (output stride 8); EM attention unit of 8 bases, 3 EM iterations' in card
     assert f'| Agreement with the dygraph model | {agreement:.4%} of the pixel labels equal on 1 image' in card
-    assert miou is None and '| mIoU | not measured by the export' in card
+    assert f'from `model.pdparams` with `{config}`.' in card
+    assert miou is None and f'| mIoU | not measured by the export: `python tools/val.py --config {config} ' in card
     assert '| Precision | fp32 |' in card and '| Format | paddle (deploy.yaml, model.json, model.pdiparams) |' in card
     assert 'Normalize: (pixel / 255 - mean) / std, mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5]' in card
     for train_id, (name, (r, g, b)) in enumerate(zip(Cityscapes.CLASS_NAMES, Cityscapes.PALETTE)):
