@@ -29,6 +29,8 @@ setup(
                                if line.split('#')[0].strip()],
                     # pip install emanet-paddle[paddlex]: EMANet in PaddleX (emanet.integrations.paddlex), the
                     # PaddleX version its tests ran with, with what create_model (cv) and serving need.
-                    'paddlex': ['paddlex[cv,serving]==3.7.2']},
+                    'paddlex': ['paddlex[cv,serving]==3.7.2'],
+                    # pip install emanet-paddle[demo]: the demo page (tools/demo.py), Gradio 6 (Python >= 3.10).
+                    'demo': ['gradio>=6,<7; python_version >= "3.10"']},
     license='Apache-2.0',
 )

@@ -14,6 +14,7 @@ if '--legacy_program' in sys.argv[1:] and os.environ.get('FLAGS_enable_pir_api')
 from cli import add_verbose_flag, load_config_from_args, positive_int, run_cli
 from emanet.config import Builder, ConfigError, build_model
 from emanet.deploy.export import FORMATS, CalibrationImages, export_checked, preprocessed_images, train_crop_size
+from emanet.deploy.model_card import describe_model
 from emanet.deploy.static_graph import OUTPUT_OPS, export_stage
 from emanet.engine.predict import list_images
 from emanet.logger import logger
@@ -132,11 +133,13 @@ def main(args):
     val_dataset = None
     if calibration is not None and args.miou_images:
         val_dataset = first_images(Builder(cfg).val_dataset, args.miou_images)
+    description = describe_model(model, cfg.dic.get('model'), Builder(cfg).val_dataset_class,
+                                 weights=args.model_path, config=args.config)
     export_checked(model, args.save_dir, transforms, check_images, export_format=args.format,
                    input_shape=args.input_shape, output_op=args.output_op, calibration=calibration,
                    min_agreement=args.min_agreement, val_dataset=val_dataset, paddlex_name=paddlex_name,
-                   paddlex_onnx=args.paddlex_onnx)
-    logger.info("Exported %s %s%s to %s", args.format, args.precision,
+                   paddlex_onnx=args.paddlex_onnx, description=description)
+    logger.info("Exported %s %s%s to %s (its model card: README.md)", args.format, args.precision,
                 ' (legacy program, model.pdmodel)' if args.legacy_program else
                 f' (PaddleX model name {paddlex_name})' if paddlex_name else '', args.save_dir)
 

@@ -30,7 +30,7 @@ def main(args):
     segmenter = load_exported(args.config, backend=args.backend, device=args.device, precision=args.precision,
                               cpu_threads=args.cpu_threads, options=options)
     start = time.perf_counter()
-    count = predict_images(segmenter, args.image_path, args.save_dir)
+    count = predict_images(segmenter, args.image_path, args.save_dir, palette=segmenter.deploy.get('palette'))
     seconds = time.perf_counter() - start
     logger.info("Predicted %d images in %.1f s (%.2f images/s); masks in %s/pseudo_color_prediction, overlays in "
                 "%s/added_prediction", count, seconds, count / seconds, args.save_dir, args.save_dir)

@@ -24,6 +24,7 @@ import numpy as np
 import paddle
 
 from emanet.deploy.legacy_program import writes_legacy_program
+from emanet.deploy.model_card import CARD_FILE, describe_model, store_classes, write_model_card
 from emanet.deploy.static_graph import (DEPLOY_FILE, MODEL_PREFIX, default_output_op, export_model,
                                         read_deploy_config, rewrite_deploy_config)
 from emanet.deploy.backends import load_exported
@@ -48,7 +49,7 @@ class ExportFolderError(UserError, ValueError):
 
 
 # The files an export of any format writes; a folder holding only these (and deploy.yaml) is an earlier export.
-EXPORT_FILES = {DEPLOY_FILE} | {f'{MODEL_PREFIX}.{suffix}' for suffix in
+EXPORT_FILES = {DEPLOY_FILE, CARD_FILE} | {f'{MODEL_PREFIX}.{suffix}' for suffix in
                                 ('json', 'pdmodel', 'pdiparams', 'pdiparams.info', 'onnx', 'xml', 'bin')} | {
     f'inference.{suffix}' for suffix in ('json', 'pdmodel', 'pdiparams', 'yml', 'onnx')}  # the 'paddlex' format
 
@@ -242,7 +243,7 @@ def _check(exported, model, check_images, min_agreement, what, save_dir):
 
 def export_checked(model, save_dir, transforms_cfg, check_images, export_format='paddle', input_shape=None,
                    output_op=None, calibration=None, min_agreement=None, val_dataset=None,
-                   paddlex_name=None, paddlex_onnx=False):
+                   paddlex_name=None, paddlex_onnx=False, description=None):
     """Export ``model`` as ``export_format`` into ``save_dir``, then check it against the dygraph model.
 
     Args:
@@ -255,6 +256,8 @@ def export_checked(model, save_dir, transforms_cfg, check_images, export_format=
             graph it was quantized from (both in OpenVINO) are evaluated, to report what int8 costs.
         paddlex_name: the 'paddlex' format's model name ('EMANet-...', see emanet.integrations.paddlex).
         paddlex_onnx: the 'paddlex' format also holds inference.onnx (checked in ONNX Runtime too).
+        description: the ``model_card.ModelDescription`` of the card (README.md) and of the classes in
+            deploy.yaml; by default what the model itself tells (its classes then named 'class 0'...).
     Returns:
         (path of deploy.yaml, share of labels equal to the dygraph model's, {'fp32': mIoU, 'int8': mIoU}
         or None without ``val_dataset``).
@@ -282,6 +285,8 @@ def export_checked(model, save_dir, transforms_cfg, check_images, export_format=
     with staged_folder(save_dir) as staging, tempfile.TemporaryDirectory(prefix='emanet_export_') as work:
         paddle_dir = staging if export_format in ('paddle', 'paddlex') else os.path.join(work, 'paddle')
         export_model(model, paddle_dir, transforms_cfg, input_shape=input_shape, output_op=output_op)
+        description = description or describe_model(model)
+        store_classes(paddle_dir, description)
         if export_format == 'paddlex':
             from emanet.integrations.paddlex import write_model_folder
             write_model_folder(staging, paddlex_name)
@@ -304,5 +309,6 @@ def export_checked(model, save_dir, transforms_cfg, check_images, export_format=
                     for precision, folder in (('fp32', onnx_dir), ('int8', staging))}
             logger.info("int8 quantization: mIoU %.4f against %.4f in fp32 (%+.4f) on %d val images",
                         miou['int8'], miou['fp32'], miou['int8'] - miou['fp32'], len(val_dataset))
+        write_model_card(staging, save_dir, description, agreement, len(check_images), min_agreement, miou)
         publish(staging, save_dir)
     return os.path.join(save_dir, DEPLOY_FILE), agreement, miou

@@ -246,6 +246,16 @@ def _check_deploy_fields(deploy, path):
     if shape is not None and not (isinstance(shape, list) and len(shape) == 4 and
                                   all(v is None or (type(v) is int and (v > 0 or v == -1)) for v in shape)):
         refuse('input_shape', "[N, 3, H, W], each a positive whole number, -1 or null")
+    count = num_classes if num_classes is not None else len(deploy.get('class_names') or ())
+    names = deploy.get('class_names')
+    if names is not None and not (isinstance(names, list) and len(names) == count
+                                  and all(isinstance(name, str) for name in names)):
+        refuse('class_names', f"a list of {count} names, one per class")
+    palette = deploy.get('palette')
+    if palette is not None and not (isinstance(palette, list) and len(palette) == count and all(
+            isinstance(color, list) and len(color) == 3 and all(type(v) is int and 0 <= v <= 255 for v in color)
+            for color in palette)):
+        refuse('palette', f"a list of {count} colours [r, g, b], one per class, each of 0 to 255")
 
 
 def short_repr(value, limit=60):

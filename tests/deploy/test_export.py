@@ -181,7 +181,7 @@ def test_an_export_that_fails_its_check_leaves_the_earlier_export_untouched(tmp_
     save_dir = tmp_path / 'inference'
     export_checked(tiny_emanet(), str(save_dir), TRANSFORMS, check)
     before = folder_contents(save_dir)
-    assert sorted(before) == ['deploy.yaml', 'model.json', 'model.pdiparams']
+    assert sorted(before) == ['README.md', 'deploy.yaml', 'model.json', 'model.pdiparams']
     os.mkdir(tmp_path / 'ordinary')
     assert save_dir.stat().st_mode == (tmp_path / 'ordinary').stat().st_mode  # not a private temporary folder
     os.rmdir(tmp_path / 'ordinary')

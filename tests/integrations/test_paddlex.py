@@ -84,8 +84,8 @@ def agreement(results, folder):
 @pytest.mark.slow
 def test_the_folder_holds_what_paddlex_reads_and_runs_in_tools_infer(folder):
     model_dir = folder['model_dir']
-    assert sorted(os.listdir(model_dir)) == ['deploy.yaml', 'inference.json'] + ([] if ONNX_MISSING else [
-        'inference.onnx']) + ['inference.pdiparams', 'inference.yml']
+    assert sorted(os.listdir(model_dir)) == ['README.md', 'deploy.yaml', 'inference.json'] + (
+        [] if ONNX_MISSING else ['inference.onnx']) + ['inference.pdiparams', 'inference.yml']
     config = yaml.safe_load((model_dir / 'inference.yml').read_text())
     assert config['Global'] == {'model_name': NAME}
     assert config['Deploy'] == {'model': 'inference.json', 'params': 'inference.pdiparams',
