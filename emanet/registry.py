@@ -16,8 +16,8 @@ from paddleseg.cvlibs import manager
 
 from emanet.logger import logger
 
-# What each of this package's components brings in place of PaddleSeg's (the README's "How this EMANet
-# differs" has the details).
+# What each of this package's components brings in place of PaddleSeg's (docs/paddleseg-differences.md has
+# the details).
 REPLACEMENT_REASONS = {
     'EMANet': "this package's model; PaddleSeg's checkpoints load into it key for key",
     'CrossEntropyLoss': "PaddleSeg 2.8.0's fails on Paddle 3 (float32 logits against int64 labels)",

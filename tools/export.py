@@ -27,7 +27,7 @@ def parse_args(argv=None):
     parser.add_argument('--save_dir', default='output/inference_model', help='where the model and deploy.yaml go')
     parser.add_argument('--format', default='paddle', choices=FORMATS,
                         help='paddle (Paddle Inference, CPU and GPU), onnx (ONNX Runtime), openvino, or paddlex '
-                             '(the model folder PaddleX 3 reads, see README "Use it in PaddleX")')
+                             '(the model folder PaddleX 3 reads, see docs/paddlex.md)')
     parser.add_argument('--paddlex_name',
                         help="paddlex format: the model's name in PaddleX, 'EMANet-...' (default from the backbone, "
                              "e.g. EMANet-R101)")
