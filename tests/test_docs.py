@@ -81,7 +81,7 @@ train_dataset:
     - {type: Normalize}
 '''
 
-FENCE = re.compile(r'^```(\S*)\s*$')
+FENCE = re.compile(r'^(```+)(\S*)\s*$')  # a longer fence quotes blocks inside it
 MARK = re.compile(r'^<!-- (checked|not checked): (.+) -->$')
 # Languages of blocks a user runs or writes; `text` is output or a tree of files.
 RUNNABLE = {'bash', 'sh', 'shell', 'console', 'python', 'yaml'}
@@ -102,10 +102,10 @@ def blocks(page):
         if not fence:
             index += 1
             continue
-        end = next(i for i in range(index + 1, len(lines)) if lines[i].startswith('```'))
+        end = next(i for i in range(index + 1, len(lines)) if lines[i].rstrip() == fence.group(1))
         before = next((lines[i] for i in range(index - 1, -1, -1) if lines[i].strip()), '')
         mark = MARK.match(before)
-        found.append((index + 1, fence.group(1), mark and mark.group(1), mark and mark.group(2),
+        found.append((index + 1, fence.group(2), mark and mark.group(1), mark and mark.group(2),
                       '\n'.join(lines[index + 1:end]) + '\n'))
         index = end + 1
     return found
