@@ -29,7 +29,10 @@ def run_target(name, seconds, engine, findings):
     try:
         finished = subprocess.run(command, cwd=ROOT, timeout=seconds + 300, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True)
-        died = None if finished.returncode == 0 else f"exit code {finished.returncode}: {finished.stderr[-2000:]}"
+        # libFuzzer's progress lines fill stderr: keep its verdict and Python's last words
+        verdict = [line for line in finished.stderr.splitlines()
+                   if 'ERROR' in line or 'Error' in line or 'SUMMARY' in line or 'Timeout' in line]
+        died = None if finished.returncode == 0 else f"exit code {finished.returncode}: {' | '.join(verdict[-3:])}"
     except subprocess.TimeoutExpired:
         died = f"no end {seconds + 300:.0f} s after its start"
     text = report.read_text() if report.exists() else ''
@@ -40,7 +43,7 @@ def run_target(name, seconds, engine, findings):
         kept = current.with_name('died-on') if current.exists() else None
         if kept:
             current.replace(kept)
-        result['findings'] = [*result.get('findings', []), f"the worker died ({died.strip()[-300:]}); input: {kept}"]
+        result['findings'] = [*result.get('findings', []), f"the worker died ({died.strip()[:300]}); input: {kept}"]
     return result
 
 
