@@ -29,6 +29,9 @@ setup(
                                if line.split('#')[0].strip()],
                     # pip install emanet-paddle[paddlex]: EMANet in PaddleX (emanet.integrations.paddlex), the
                     # PaddleX version its tests ran with, with what create_model (cv) and serving need.
-                    'paddlex': ['paddlex[cv,serving]==3.7.2']},
+                    'paddlex': ['paddlex[cv,serving]==3.7.2'],
+                    # pip install emanet-paddle[geo]: GeoTIFFs of any size, window by window (emanet.rasters).
+                    'geo': [line.split('#')[0].strip() for line in
+                            (here / 'requirements-geo.txt').read_text().splitlines() if line.split('#')[0].strip()]},
     license='Apache-2.0',
 )

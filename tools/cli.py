@@ -92,6 +92,30 @@ def add_augment_flags(parser):
     parser.add_argument('--slide_batch', type=positive_int, help='sliding windows per model call (default 1)')
 
 
+def add_raster_flags(parser):
+    """Flags for rasters (GeoTIFFs), read and written window by window (emanet.rasters)."""
+    parser.add_argument('--output_format', choices=['png', 'geotiff'],
+                        help='by default a GeoTIFF (or a TIFF larger than OpenCV reads) gives a GeoTIFF of labels, '
+                             'other images PNGs; geotiff: every image read and written window by window')
+    parser.add_argument('--bands', nargs='+', type=int, metavar='BAND',
+                        help="a raster's bands taken as red green blue (1-based, as GDAL), or one grey band")
+    parser.add_argument('--scale', nargs=2, type=float, metavar=('MIN', 'MAX'),
+                        help='map raster values MIN..MAX linearly onto 0-255 (16-bit and float rasters)')
+    parser.add_argument('--percentile_stretch', nargs=2, type=float, metavar=('LOW', 'HIGH'),
+                        help="map each band's LOW..HIGH percentiles (from a decimated read) onto 0-255")
+    parser.add_argument('--confidence', action='store_true',
+                        help="a raster's output gains a band: the top class's probability x 254 (255: nodata)")
+
+
+def raster_options(args):
+    """The raster flags as one value (emanet.rasters.RasterOptions)."""
+    from emanet.rasters import RasterOptions
+    return RasterOptions(bands=tuple(args.bands) if args.bands else None,
+                         scale=tuple(args.scale) if args.scale else None,
+                         percentile_stretch=tuple(args.percentile_stretch) if args.percentile_stretch else None,
+                         confidence=args.confidence)
+
+
 def augment_flags(args):
     return {key: getattr(args, key) for key in
             ('aug_eval', 'scales', 'flip_horizontal', 'flip_vertical', 'is_slide', 'crop_size', 'stride',
