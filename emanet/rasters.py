@@ -70,6 +70,8 @@ def read_tiff_header(path):
                 raise InvalidInput(f"{path}: the TIFF header ends early")
             offset = struct.unpack(order + 'I', head[4:8])[0]
             count_format, entry_size = 'H', 12
+        if offset > os.fstat(file.fileno()).st_size:
+            raise InvalidInput(f"{path}: the TIFF's first directory (at byte {offset}) is past the end of the file")
         file.seek(offset)
         count_bytes = file.read(struct.calcsize(count_format))
         if len(count_bytes) < struct.calcsize(count_format):
@@ -274,7 +276,9 @@ class _reading:
     def __exit__(self, kind, error, traceback):
         from rasterio._err import CPLE_BaseError
         if isinstance(error, (self.rasterio.errors.RasterioError, CPLE_BaseError)):
-            reason = ' '.join(str(error).split())
+            # rasterio's read errors say "see previous exception": GDAL's own message is their cause.
+            cause = error.__cause__ if isinstance(error.__cause__, CPLE_BaseError) else error
+            reason = ' '.join(str(cause).split())
             raise InvalidInput(f"{self.path}: cannot read it as a raster ({reason})") from None
         return False
 
