@@ -24,6 +24,7 @@ import struct
 import numpy as np
 
 from emanet.errors import InvalidInput, Unsupported
+from emanet.logger import logger
 
 TIFF_SUFFIXES = ('.tif', '.tiff')
 OUTPUT_FORMATS = ('png', 'geotiff')
@@ -168,6 +169,7 @@ def predict_raster(segmenter, path, out_path, colors, options=RasterOptions()):
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
             _predict_raster(rasterio, segmenter, path, partial, colors, options)
         os.replace(partial, out_path)
+        logger.info("Wrote %s: labels of %s window by window", out_path, path)
     finally:
         if os.path.exists(partial):
             os.remove(partial)  # only ever the partial file this call created
@@ -180,9 +182,7 @@ def _predict_raster(rasterio, segmenter, path, partial, colors, options):
         bands = _bands(source, path, options)
         low, high = _value_range(rasterio, source, path, bands, options)
         masked = _has_nodata(source)
-        crop_width, crop_height = segmenter.options.crop_size
-        probe = np.zeros([min(crop_height, source.height), min(crop_width, source.width), 3], np.uint8)
-        classes = _numpy(segmenter.forward(segmenter.prepare_window(probe)[None])).shape[1]
+        classes = segmenter.num_classes or _probe_classes(segmenter, source)
         dtype, nodata = ('uint8', 255) if classes <= 255 else ('uint16', 65535)
 
         def read_window(top, left, rows, columns):
@@ -258,6 +258,13 @@ class _StripWriter:
             self.executor.shutdown()
             if self.masks is not None:
                 self.masks.close()
+
+
+def _probe_classes(segmenter, source):
+    """The class count of one window of zeros through the model (the output's type depends on it)."""
+    crop_width, crop_height = segmenter.options.crop_size
+    probe = np.zeros([min(crop_height, source.height), min(crop_width, source.width), 3], np.uint8)
+    return _numpy(segmenter.forward(segmenter.prepare_window(probe)[None])).shape[1]
 
 
 def _numpy(values):

@@ -103,6 +103,7 @@ class Segmenter:
 
     transforms = None
     options = InferenceOptions()
+    num_classes = None  # when known without running the model
 
     def forward(self, images):
         """Logits [N, C, h, w] (float32 paddle Tensor) of one plain pass over a preprocessed batch [N, 3, h, w]."""
