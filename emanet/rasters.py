@@ -22,9 +22,12 @@ import os
 import struct
 
 import numpy as np
+from tqdm import tqdm
 
 from emanet.errors import InvalidInput, Unsupported
 from emanet.logger import logger
+from emanet.test_time import window_starts
+from emanet.tiles import stream_strips
 
 TIFF_SUFFIXES = ('.tif', '.tiff')
 OUTPUT_FORMATS = ('png', 'geotiff')
@@ -138,9 +141,10 @@ class RasterOptions:
             raise InvalidInput("give --scale or --percentile_stretch, not both")
         if self.scale is not None and not self.scale[0] < self.scale[1]:
             raise InvalidInput(f"--scale MIN MAX needs MIN < MAX, got {self.scale[0]} {self.scale[1]}")
-        if self.percentile_stretch is not None and not 0 <= self.percentile_stretch[0] < self.percentile_stretch[1] <= 100:
-            raise InvalidInput(f"--percentile_stretch LOW HIGH needs 0 <= LOW < HIGH <= 100, got "
-                               f"{self.percentile_stretch[0]} {self.percentile_stretch[1]}")
+        if self.percentile_stretch is not None:
+            low, high = self.percentile_stretch
+            if not 0 <= low < high <= 100:
+                raise InvalidInput(f"--percentile_stretch LOW HIGH needs 0 <= LOW < HIGH <= 100, got {low} {high}")
 
 
 def import_rasterio():
@@ -204,12 +208,13 @@ def _predict_raster(rasterio, segmenter, path, partial, colors, options):
             output.set_band_description(1, 'class')
             if options.confidence:
                 output.set_band_description(2, 'confidence (top class probability x 254)')
-            for strip in _stream(segmenter, read_window, source, options):
+            strips = len(window_starts(source.height, segmenter.options.crop_size[1], segmenter.options.stride[1]))
+            for strip in tqdm(_stream(segmenter, read_window, source, options), total=strips,
+                              desc=os.path.basename(path), unit='strip'):
                 writer.write(*strip)
 
 
 def _stream(segmenter, read_window, source, options):
-    from emanet.tiles import stream_strips
     return stream_strips(read_window, source.height, source.width, segmenter.prepare_window, segmenter.forward,
                          segmenter.options.crop_size, segmenter.options.stride, segmenter.options.slide_batch,
                          confidence=options.confidence)

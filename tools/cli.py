@@ -22,6 +22,7 @@ from emanet.engine.distributed import stop_together  # noqa: E402
 from emanet.engine.inference import ModelSegmenter  # noqa: E402
 from emanet.errors import UserError  # noqa: E402
 from emanet.logger import logger, setup_logging  # noqa: E402
+from emanet.rasters import RasterOptions  # noqa: E402
 from emanet.device import parse_device, tune_cpu_allocator, use_fast_mkl_on_amd  # noqa: E402
 from emanet.device import set_device as select_device  # noqa: E402
 from emanet.segmenter import InferenceOptions  # noqa: E402
@@ -109,7 +110,6 @@ def add_raster_flags(parser):
 
 def raster_options(args):
     """The raster flags as one value (emanet.rasters.RasterOptions)."""
-    from emanet.rasters import RasterOptions
     return RasterOptions(bands=tuple(args.bands) if args.bands else None,
                          scale=tuple(args.scale) if args.scale else None,
                          percentile_stretch=tuple(args.percentile_stretch) if args.percentile_stretch else None,
