@@ -31,6 +31,9 @@ setup(
                     # PaddleX version its tests ran with, with what create_model (cv) and serving need.
                     'paddlex': ['paddlex[cv,serving]==3.7.2'],
                     # pip install emanet-paddle[demo]: the demo page (tools/demo.py), Gradio 6 (Python >= 3.10).
-                    'demo': ['gradio>=6,<7; python_version >= "3.10"']},
+                    'demo': ['gradio>=6,<7; python_version >= "3.10"'],
+                    # pip install emanet-paddle[geo]: GeoTIFFs of any size, window by window (emanet.rasters).
+                    'geo': [line.split('#')[0].strip() for line in
+                            (here / 'requirements-geo.txt').read_text().splitlines() if line.split('#')[0].strip()]},
     license='Apache-2.0',
 )

@@ -106,6 +106,7 @@ class Segmenter:
 
     transforms = None
     options = InferenceOptions()
+    num_classes = None  # when known without running the model
 
     def forward(self, images):
         """Logits [N, C, h, w] (float32 paddle Tensor) of one plain pass over a preprocessed batch [N, 3, h, w]."""
@@ -143,7 +144,7 @@ class Segmenter:
         """Label map [H, W] of what ``prepare`` gave: uint8 when it streams, else int32."""
         image, model_input, trans_info = prepared
         if model_input is None:
-            return stream_labels(image, self._prepare_window, self.forward, self.options.crop_size,
+            return stream_labels(image, self.prepare_window, self.forward, self.options.crop_size,
                                  self.options.stride, self.options.slide_batch)
         return self.labels(model_input[None], trans_info)[0]
 
@@ -151,5 +152,6 @@ class Segmenter:
         """Label map [H, W] of an image path or a BGR uint8 array, at the image's size."""
         return self.predict_prepared(self.prepare(image))
 
-    def _prepare_window(self, window):
+    def prepare_window(self, window):
+        """A window [h, w, 3] BGR uint8 of an image as model input [3, h, w] (pixel-by-pixel transforms)."""
         return apply_transforms(self.transforms, window)[0]

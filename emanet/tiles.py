@@ -1,24 +1,42 @@
 """Sliding-window labels of images of any size in bounded memory.
 
 ``emanet.test_time.slide_logits`` keeps float scores [C, H, W] for the whole image: at 16384x16384 and
-19 classes that is 20 GB, before the input's float copy. ``stream_labels`` runs the same windows in the
-same order (row by row, ``slide_batch`` at a time) on a uint8 image, prepares each window on its own
-(the transforms must act pixel by pixel, as Normalize does) and keeps scores only where windows still
-overlap: the part of a row of windows that the next row covers, and within a row the columns the next
-window covers. The rest is divided by its window count and reduced to labels at once, so memory grows
-with the window and the image width, never with its area; the labels equal the whole-image ones.
+19 classes that is 20 GB, before the input's float copy. ``stream_strips`` runs the same windows in the
+same order (row by row, ``slide_batch`` at a time), reads and prepares each window on its own in a thread
+beside the model (the transforms must act pixel by pixel, as Normalize does) and keeps scores only where
+windows still overlap: the part of a row of windows that the next row covers, and within a row the columns
+the next window covers. The rest is divided by its window count and reduced to labels at once, and each
+row of windows hands back its finished strip of labels, so memory grows with the window and the image
+width, never with its area; the labels equal the whole-image ones. ``stream_labels`` gathers the strips of
+an image held in memory; ``emanet.rasters`` writes them into a GeoTIFF as they come.
 """
+import collections
+import concurrent.futures
+
 import numpy as np
 
 from emanet.test_time import check_window, coverage, window_starts
 
 # The transforms that act on each pixel alone, so that a window can be prepared on its own.
 PIXELWISE_TRANSFORMS = ('Normalize',)
+# Batches of windows read and prepared ahead of the model.
+WINDOWS_AHEAD = 2
 
 
 def pixelwise(transforms):
     """Whether a PaddleSeg Compose only applies pixel-by-pixel transforms (any window can be prepared alone)."""
     return all(type(transform).__name__ in PIXELWISE_TRANSFORMS for transform in transforms.transforms)
+
+
+def read_ahead(executor, function, items, ahead):
+    """``function(item)`` of each item in order, run on ``executor`` at most ``ahead`` items before the consumer."""
+    pending = collections.deque()
+    for item in items:
+        pending.append(executor.submit(function, item))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def stream_labels(image, prepare, forward, crop_size, stride, slide_batch=1):
@@ -31,60 +49,102 @@ def stream_labels(image, prepare, forward, crop_size, stride, slide_batch=1):
         crop_size, stride: (w, h) of the windows and of their steps.
         slide_batch: windows per forward call.
     """
-    check_window(crop_size, stride)
     height, width = image.shape[:2]
+    labels = None
+    for top, strip, _ in stream_strips(lambda top, left, rows, columns: image[top:top + rows, left:left + columns],
+                                       height, width, prepare, forward, crop_size, stride, slide_batch):
+        if labels is None or labels.dtype.itemsize < strip.dtype.itemsize:
+            labels = np.empty([height, width], strip.dtype) if labels is None else labels.astype(strip.dtype)
+        labels[top:top + strip.shape[0]] = strip
+    return labels
+
+
+def stream_strips(read_window, height, width, prepare, forward, crop_size, stride, slide_batch=1, confidence=False):
+    """(top, labels [h, width], confidence [h, width] or None) of each strip of an image [height, width], top to
+    bottom: the rows that no later window covers, once the row of windows above them has run.
+
+    Args:
+        read_window: (top, left, rows, columns) -> that window of the image, uint8 [rows, columns, 3], or None
+            for a window to skip (all nodata): it adds no scores, and its pixels' labels are only meaningful
+            where other windows cover them.
+        prepare, forward, crop_size, stride, slide_batch: as for ``stream_labels``.
+        confidence: also give the top class's probability (softmax of the averaged logits), 0-254 as uint8.
+    Labels are uint8 up to 256 classes, else int32.
+    """
+    check_window(crop_size, stride)
     (crop_width, crop_height), (stride_width, stride_height) = crop_size, stride
+    window_height, window_width = min(crop_height, height), min(crop_width, width)
     tops, lefts = window_starts(height, crop_height, stride_height), window_starts(width, crop_width, stride_width)
-    row_count, column_count = coverage(height, tops, crop_height), coverage(width, lefts, crop_width)
-    state = _StreamState(height, width, row_count, column_count)
-    windows = [(row, top, left) for row, top in enumerate(tops) for left in lefts]
-    for first in range(0, len(windows), slide_batch):
-        batch = windows[first:first + slide_batch]
-        inputs = np.stack([prepare(image[top:top + crop_height, left:left + crop_width]) for _, top, left in batch])
-        logits = forward(inputs)
-        logits = np.asarray(logits.numpy() if hasattr(logits, 'numpy') else logits, dtype=np.float32)
-        for (row, top, left), window_logits in zip(batch, logits):
-            next_top = tops[row + 1] if row + 1 < len(tops) else height
-            column = lefts.index(left)
-            next_left = lefts[column + 1] if column + 1 < len(lefts) else width
-            state.add(top, left, next_top, next_left, window_logits)
-    return state.labels
+    state = _StreamState(width, coverage(height, tops, crop_height), coverage(width, lefts, crop_width), confidence)
+    windows = [(row, column) for row in range(len(tops)) for column in range(len(lefts))]
+    batches = [windows[first:first + slide_batch] for first in range(0, len(windows), slide_batch)]
+
+    def load(batch):
+        crops = [read_window(tops[row], lefts[column], window_height, window_width) for row, column in batch]
+        inputs = [prepare(crop) for crop in crops if crop is not None]
+        return batch, [crop is not None for crop in crops], np.stack(inputs) if inputs else None
+
+    with concurrent.futures.ThreadPoolExecutor(1, 'emanet-windows') as reader:
+        for batch, was_read, inputs in read_ahead(reader, load, batches, WINDOWS_AHEAD):
+            logits = iter(())
+            if inputs is not None:
+                logits = forward(inputs)
+                logits = iter(np.asarray(logits.numpy() if hasattr(logits, 'numpy') else logits, dtype=np.float32))
+            for (row, column), read in zip(batch, was_read):
+                next_top = tops[row + 1] if row + 1 < len(tops) else height
+                next_left = lefts[column + 1] if column + 1 < len(lefts) else width
+                strip = state.add(tops[row], lefts[column], next_top, next_left, window_height, window_width,
+                                  next(logits) if read else None)
+                if strip is not None:
+                    yield strip
 
 
 class _StreamState:
     """The scores still open while windows stream row by row: ``carry`` holds the rows of the current
     row of windows that earlier rows already covered (sums, all columns), ``open`` the current row's
-    columns from ``open_left`` on that later windows of the row will add to."""
+    columns from ``open_left`` on that later windows of the row will add to, ``strip`` the labels (and
+    confidences) of the current row's final rows. The class count is the first window's that runs; before
+    it, only skipped windows were seen, so the scores are zero."""
 
-    def __init__(self, height, width, row_count, column_count):
-        self.height, self.width = height, width
+    def __init__(self, width, row_count, column_count, confidence):
+        self.width = width
         self.row_count, self.column_count = row_count, column_count
-        self.labels = None
+        self.confidence = confidence
+        self.classes = None
         self.carry = None  # [C, rows, W]: sums for rows [top, top + rows) of the current row of windows
         self.next_carry = None
         self.open = None  # [C, h, w]: sums for columns [open_left, open_left + w) of the current row
         self.open_left = 0
+        self.strip = self.strip_confidence = None
 
-    def add(self, top, left, next_top, next_left, logits):
-        classes, window_height, window_width = logits.shape
-        if self.labels is None:
-            self.labels = np.empty([self.height, self.width], np.uint8 if classes <= 256 else np.int32)
+    def add(self, top, left, next_top, next_left, window_height, window_width, logits):
+        """Add one window's logits [C, h, w] (None: skipped); the finished (top, labels, confidence) after a
+        row's last window, else None."""
+        if logits is not None and self.classes is None:
+            self.classes = logits.shape[0]
         if left == 0:  # a new row of windows
             self.carry, self.next_carry = self.next_carry, None
             self.open, self.open_left = None, 0
-        self._extend_open(classes, window_height, left + window_width)
-        self.open[:, :, left - self.open_left:left - self.open_left + window_width] += logits
-        # Columns before the next window's left edge are complete for this row of windows.
-        self._close(top, next_top, self.open_left, next_left)
-        self.open = self.open[:, :, next_left - self.open_left:]
+            self.strip = np.zeros([next_top - top, self.width], np.uint8)
+            self.strip_confidence = np.zeros_like(self.strip) if self.confidence else None
+        if self.classes is not None:
+            self._extend_open(window_height, left + window_width)
+            if logits is not None:
+                self.open[:, :, left - self.open_left:left - self.open_left + window_width] += logits
+            # Columns before the next window's left edge are complete for this row of windows.
+            self._close(top, next_top, self.open_left, next_left)
+            self.open = self.open[:, :, next_left - self.open_left:]
         self.open_left = next_left
+        if next_left == self.width:
+            return top, self.strip, self.strip_confidence
+        return None
 
-    def _extend_open(self, classes, window_height, right):
+    def _extend_open(self, window_height, right):
         """Make ``open`` reach column ``right``, new columns starting from the carried sums (or zero)."""
         current_right = self.open_left + (0 if self.open is None else self.open.shape[2])
         if right <= current_right:
             return
-        added = np.zeros([classes, window_height, right - current_right], np.float32)
+        added = np.zeros([self.classes, window_height, right - current_right], np.float32)
         if self.carry is not None:
             added[:, :self.carry.shape[1]] = self.carry[:, :, current_right:right]
         self.open = added if self.open is None else np.concatenate([self.open, added], axis=2)
@@ -97,7 +157,15 @@ class _StreamState:
         final_rows = next_top - top
         count = np.outer(self.row_count[top:next_top], self.column_count[left:right])
         scores = sums[:, :final_rows]
-        self.labels[top:next_top, left:right] = first_max_index(scores if (count == 1).all() else scores / count)
+        scores = scores if (count == 1).all() else scores / count
+        labels = first_max_index(scores)
+        if labels.dtype.itemsize > self.strip.dtype.itemsize:
+            self.strip = self.strip.astype(np.int32)
+        self.strip[:, left:right] = labels
+        if self.confidence:
+            # The top class's softmax probability, 1 / sum(exp(score - best)), on 0-254 (255 stays free for nodata).
+            top_probability = 1.0 / np.exp(scores - scores.max(axis=0)).sum(axis=0)
+            self.strip_confidence[:, left:right] = np.rint(top_probability * 254)
         if sums.shape[1] > final_rows:
             if self.next_carry is None:
                 self.next_carry = np.zeros([sums.shape[0], sums.shape[1] - final_rows, self.width], np.float32)

@@ -14,7 +14,8 @@ the file: never a traceback, a hang, or memory out of proportion to the input.
 The readers behind the door keep their own budgets beside their code, listed here so that one page
 holds them all: the pickle reader (``emanet.safe_pickle``: nesting, instructions, shared values, each
 array's bytes against the file's size), downloads and archives (``emanet.download``: bytes, time,
-redirects, members, header sizes), images and labels (``emanet.data.loading``: pixels declared in a header).
+redirects, members, header sizes), images and labels (``emanet.data.loading``: pixels declared in a header),
+a TIFF's first directory (``emanet.rasters.read_tiff_header``: its tag count; the pixels are GDAL's to read).
 Every one of them has a fuzz target in ``tests/fuzz``.
 """
 import json

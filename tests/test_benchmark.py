@@ -32,7 +32,7 @@ def test_benchmark_tool_reports_every_variant(tmp_path, capsys, monkeypatch):
     out = tmp_path / 'bench.json'
     argv = ['--backbone', 'ResNet18_vd', '--input_size', '128', '64', '--train_size', '64', '32', '--attention_size',
             '32', '16', '--runs', '2', '--rounds', '1', '--warmup', '0', '--threads', '2', '--folder_images', '2',
-            '--folder_size', '96', '64', '--large_sizes', '256', '--json', str(out)]
+            '--folder_size', '96', '64', '--large_sizes', '256', '--geotiff_sizes', '256', '--json', str(out)]
     # In this process (each row is still measured in a process of its own); the report quotes the command line.
     monkeypatch.setattr(sys, 'argv', [os.path.join(TOOLS, 'benchmark.py')] + argv)
     benchmark.main(benchmark.parse_args(argv))
@@ -96,10 +96,12 @@ def test_benchmark_tool_reports_every_variant(tmp_path, capsys, monkeypatch):
         assert export['seconds'] > 0 and export['images'] == 8 and 100 < export['peak_mb'] < 24000
         assert re.search(r'int8 export \(NNCF .*8 calibration images .*\): \d+\.\d s, peak \d+ MB', report)
 
-    # A folder end to end against the model alone, and a 256x256 image in 128x64 windows, per runtime.
+    # A folder end to end against the model alone, and a 256x256 image (PNG, then GeoTIFF) in 128x64 windows, per
+    # runtime.
     image_runtimes = ['paddle_fp32'] + ([] if RUNTIMES_MISSING else ['openvino_int8'])
     assert list(results['folders']) == [f'folder_{key}' for key in image_runtimes]
-    assert list(results['large_images']) == [f'large_{key}_256' for key in image_runtimes]
+    assert list(results['large_images']) == [f'large_{key}_{kind}256' for key in image_runtimes
+                                             for kind in ('', 'geotiff_')]
     for name, folder in results['folders'].items():
         assert folder['images'] == 2 and len(folder['model_s']) == len(folder['end_to_end_s']) == 2, name
         assert folder['end_to_end_images_per_s'] == 2 / statistics.median(folder['end_to_end_s']), name
@@ -110,7 +112,8 @@ def test_benchmark_tool_reports_every_variant(tmp_path, capsys, monkeypatch):
         assert (large['size'], large['reference_size'], large['window']) == ([256, 256], [96, 64], [128, 64]), name
         assert large['large_s_per_mpx'] == large['large_s'] / (256 * 256 / 1e6), name
         assert large['peak_mb'] >= large['setup_mb'] > 0, name
-        assert (f"| 256x256 | 128x64 | {large['large_s']:.1f} | {large['large_s_per_mpx']:.3f} "
+        kind = ' GeoTIFF' if '_geotiff_' in name else ''
+        assert (f"| 256x256{kind} | 128x64 | {large['large_s']:.1f} | {large['large_s_per_mpx']:.3f} "
                 f"| {large['reference_s_per_mpx']:.3f} | {large['s_per_mpx_over_reference']:.2f} "
                 f"| {large['peak_mb']:.0f} |") in report, name
 

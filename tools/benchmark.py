@@ -7,6 +7,7 @@ import sys
 
 from cli import add_device_flag, positive_int, run_cli
 from emanet.config import load_config
+from emanet.logger import logger
 from perf.measure import model_spec_for_backbone, model_spec_from_config
 from perf.report import format_report
 from perf.run import PARTS, run_benchmark
@@ -42,9 +43,24 @@ def parse_args(argv=None):
                         help="the folder's image size, also the reference of the large images")
     parser.add_argument('--large_sizes', nargs='+', type=positive_int, default=[4096, 16384],
                         help='sides of square images predicted with a sliding window of --input_size (part "large")')
+    parser.add_argument('--geotiff_sizes', nargs='*', type=positive_int,
+                        help='sides of square tiled GeoTIFFs predicted window by window (part "large"; default 4096 '
+                             'when rasterio, the [geo] extra, is installed; 65536 is the 4.3-gigapixel run)')
     parser.add_argument('--seed', type=int, default=0, help='seed of the random weights and inputs')
     parser.add_argument('--json', help='write every number to this file')
     return parser.parse_args(argv)
+
+
+def geotiff_sizes(given):
+    """The GeoTIFF rows asked for, else one of 4096 when rasterio is there to read it."""
+    if given is not None:
+        return given
+    try:
+        import rasterio  # noqa: F401
+    except ImportError:
+        logger.info("[BENCH] no GeoTIFF row: reading and writing GeoTIFFs needs pip install emanet-paddle[geo]")
+        return []
+    return [4096]
 
 
 def main(args):
@@ -62,7 +78,8 @@ def main(args):
                             rounds=args.rounds, warmup=args.warmup, threads=args.threads, device=args.device, skip=skip,
                             quickstart_model=args.quickstart_model, quickstart_config=args.quickstart_config,
                             transforms=transforms, seed=args.seed, command=command, folder_images=args.folder_images,
-                            folder_size=args.folder_size, large_sizes=args.large_sizes)
+                            folder_size=args.folder_size, large_sizes=args.large_sizes,
+                            geotiff_sizes=geotiff_sizes(args.geotiff_sizes))
     print(format_report(results))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

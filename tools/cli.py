@@ -22,6 +22,7 @@ from emanet.engine.distributed import stop_together  # noqa: E402
 from emanet.engine.inference import ModelSegmenter  # noqa: E402
 from emanet.errors import UserError  # noqa: E402
 from emanet.logger import logger, setup_logging  # noqa: E402
+from emanet.rasters import RasterOptions  # noqa: E402
 from emanet.device import parse_device, tune_cpu_allocator, use_fast_mkl_on_amd  # noqa: E402
 from emanet.device import set_device as select_device  # noqa: E402
 from emanet.segmenter import InferenceOptions  # noqa: E402
@@ -90,6 +91,29 @@ def add_augment_flags(parser):
     parser.add_argument('--crop_size', nargs=2, type=int, metavar=('W', 'H'), help='sliding window size')
     parser.add_argument('--stride', nargs=2, type=int, metavar=('W', 'H'), help='sliding window stride')
     parser.add_argument('--slide_batch', type=positive_int, help='sliding windows per model call (default 1)')
+
+
+def add_raster_flags(parser):
+    """Flags for rasters (GeoTIFFs), read and written window by window (emanet.rasters)."""
+    parser.add_argument('--output_format', choices=['png', 'geotiff'],
+                        help='by default a GeoTIFF (or a TIFF larger than OpenCV reads) gives a GeoTIFF of labels, '
+                             'other images PNGs; geotiff: every image read and written window by window')
+    parser.add_argument('--bands', nargs='+', type=int, metavar='BAND',
+                        help="a raster's bands taken as red green blue (1-based, as GDAL), or one grey band")
+    parser.add_argument('--scale', nargs=2, type=float, metavar=('MIN', 'MAX'),
+                        help='map raster values MIN..MAX linearly onto 0-255 (16-bit and float rasters)')
+    parser.add_argument('--percentile_stretch', nargs=2, type=float, metavar=('LOW', 'HIGH'),
+                        help="map each band's LOW..HIGH percentiles (from a decimated read) onto 0-255")
+    parser.add_argument('--confidence', action='store_true',
+                        help="a raster's output gains a band: the top class's probability x 254 (255: nodata)")
+
+
+def raster_options(args):
+    """The raster flags as one value (emanet.rasters.RasterOptions)."""
+    return RasterOptions(bands=tuple(args.bands) if args.bands else None,
+                         scale=tuple(args.scale) if args.scale else None,
+                         percentile_stretch=tuple(args.percentile_stretch) if args.percentile_stretch else None,
+                         confidence=args.confidence)
 
 
 def augment_flags(args):

@@ -21,6 +21,7 @@ class ModelSegmenter(Segmenter):
 
     def __init__(self, model, transforms_cfg=(), options=InferenceOptions(), autocast=None):
         self.model = model
+        self.num_classes = getattr(model, 'num_classes', None)
         self.transforms = build_transforms(transforms_cfg)
         self.options = options
         self.autocast = autocast

@@ -1,5 +1,6 @@
 """Prediction on image files: the one image loop, for any Segmenter; label maps saved as
-pseudo-colour PNGs and overlays, or as official label ids.
+pseudo-colour PNGs and overlays, or as official label ids; rasters (GeoTIFFs, images larger than OpenCV
+decodes) as GeoTIFFs of labels, window by window (``emanet.rasters``).
 
 Reading and preparing the next image and writing the last one's results run in threads beside the
 model (OpenCV, numpy and PNG encoding release the GIL), with at most ``AHEAD`` images waiting on each
@@ -16,7 +17,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from emanet.errors import InvalidInput
-from emanet.tiles import overlay
+from emanet.rasters import RasterOptions, import_rasterio, is_raster, predict_raster
+from emanet.rasters import output_path as raster_output_path
+from emanet.tiles import overlay, read_ahead
 
 AHEAD = 2  # images read ahead of the model, and results waiting to be written
 
@@ -107,7 +110,8 @@ def save_label_ids(label, save_dir, name, label_ids):
         raise OSError(f"could not write {path}")
 
 
-def predict_images(segmenter, image_path, save_dir, palette=None, save_format='pseudo_color', label_ids=None):
+def predict_images(segmenter, image_path, save_dir, palette=None, save_format='pseudo_color', label_ids=None,
+                   output_format=None, raster_options=None):
     """Predict every image under ``image_path`` (an image, a folder or a list file) with ``segmenter``
     (any ``emanet.segmenter.Segmenter``) and write the results to ``save_dir``; return the count.
 
@@ -115,6 +119,10 @@ def predict_images(segmenter, image_path, save_dir, palette=None, save_format='p
     colours, else PaddleSeg's); 'cityscapes' writes single-channel PNGs of official label ids
     (``label_ids``, the dataset's ``LABEL_IDS``: one id per train id), named after each image,
     as the Cityscapes evaluation server and ``cityscapesscripts`` read them.
+
+    Rasters (``emanet.rasters.is_raster``: GeoTIFFs and TIFFs larger than OpenCV decodes, or every image with
+    ``output_format`` 'geotiff') are read and written window by window as save_dir/<name>.tif, a GeoTIFF of
+    labels with the palette as its colour table (``raster_options``: bands, scaling, confidence).
     """
     if save_format not in SAVE_FORMATS:
         raise InvalidInput(f"save_format must be one of {', '.join(SAVE_FORMATS)}, got '{save_format}'")
@@ -123,6 +131,15 @@ def predict_images(segmenter, image_path, save_dir, palette=None, save_format='p
                          "dataset has none (it is not Cityscapes): use save_format pseudo_color")
     paths, root = list_images(image_path)
     colors = color_map(palette)
+    names = output_names(paths, root)
+    raster = [is_raster(path, output_format) for path in paths]
+    rasters = [(path, name) for path, name, is_one in zip(paths, names, raster) if is_one]
+    if rasters:
+        import_rasterio()
+        if save_format != 'pseudo_color':
+            raise InvalidInput(f"{rasters[0][0]} is written as a GeoTIFF of labels; save_format {save_format} "
+                               "writes PNGs (use --output_format png)")
+    images = [(path, name) for path, name, is_one in zip(paths, names, raster) if not is_one]
 
     def save(image, label, name):
         if save_format == 'cityscapes':
@@ -132,25 +149,17 @@ def predict_images(segmenter, image_path, save_dir, palette=None, save_format='p
 
     with concurrent.futures.ThreadPoolExecutor(1, 'emanet-read') as reader, \
             concurrent.futures.ThreadPoolExecutor(1, 'emanet-write') as writer:
-        prepared = _read_ahead(reader, segmenter.prepare, paths)
+        prepared = read_ahead(reader, segmenter.prepare, [path for path, _ in images], AHEAD)
         writing = collections.deque()
-        for name, item in tqdm(zip(output_names(paths, root), prepared), total=len(paths), desc='predict',
-                               unit='image'):
+        for (_, name), item in tqdm(zip(images, prepared), total=len(images), desc='predict', unit='image',
+                                    disable=not images):
             label = segmenter.predict_prepared(item).astype(np.uint8, copy=False)
             writing.append(writer.submit(save, item[0], label, name))
             while len(writing) > AHEAD:
                 writing.popleft().result()  # a failed write stops the loop here
         for future in writing:
             future.result()
+    for path, name in rasters:
+        predict_raster(segmenter, path, raster_output_path(save_dir, name), colors, raster_options or RasterOptions())
     return len(paths)
 
-
-def _read_ahead(executor, prepare, paths):
-    """``prepare(path)`` of each path in order, at most ``AHEAD`` running ahead of the consumer."""
-    pending = collections.deque()
-    for path in paths:
-        pending.append(executor.submit(prepare, path))
-        if len(pending) > AHEAD:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()

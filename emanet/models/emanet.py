@@ -88,6 +88,7 @@ class EMANet(nn.Layer):
                  gc_channels=256, num_bases=64, stage_num=3, momentum=0.1, concat_input=True,
                  enable_auxiliary_loss=True, align_corners=False, pretrained=None):
         super().__init__()
+        self.num_classes = num_classes
         self.backbone = backbone
         self.backbone_indices = tuple(backbone_indices)
         in_channels = [backbone.feat_channels[i] for i in self.backbone_indices]

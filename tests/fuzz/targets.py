@@ -310,6 +310,29 @@ def seed_http(folder):
     return [ok, chunked, redirect, missing, etag]
 
 
+# A TIFF's first directory, read to decide whether an image is a raster (emanet.rasters.read_tiff_header).
+def run_tiff_header(data, folder):
+    from emanet.rasters import read_tiff_header
+    path = folder / 'image.tif'
+    path.write_bytes(data)
+    read_tiff_header(str(path))
+
+
+def seed_tiff_header(folder):
+    import struct
+    from PIL import Image
+    seeds = []
+    for name, options in [('plain.tif', {}), ('deflate.tif', {'compression': 'tiff_adobe_deflate'})]:
+        Image.new('RGB', (40, 30)).save(folder / name, **options)
+        seeds.append((folder / name).read_bytes())
+    # A BigTIFF with a width, a height (LONG8) and a GeoKeyDirectory entry, big-endian.
+    entries = [struct.pack('>HHQQ', 256, 16, 1, 70000), struct.pack('>HHQQ', 257, 16, 1, 50000),
+               struct.pack('>HHQHHHH', 34735, 3, 4, 1, 1, 0, 0)]
+    seeds.append(b'MM\x00+' + struct.pack('>HHQ', 8, 0, 16) + struct.pack('>Q', len(entries)) + b''.join(entries)
+                 + struct.pack('>Q', 0))
+    return seeds
+
+
 @contextlib.contextmanager
 def _environment(**values):
     saved = {key: os.environ.get(key) for key in values}
@@ -334,4 +357,5 @@ TARGETS = {target.name: target for target in [
     Target('deploy', run_deploy, seed_deploy, "an exported folder's deploy.yaml and its transforms"),
     Target('train_state', run_train_state, seed_train_state, "a checkpoint's train_state.json"),
     Target('http', run_http, seed_http, 'HTTP responses from a loopback server (emanet.download)'),
+    Target('tiff_header', run_tiff_header, seed_tiff_header, "a TIFF's first directory (emanet.rasters)"),
 ]}

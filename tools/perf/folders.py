@@ -21,20 +21,47 @@ def write_image(path, size, seed):
     """A synthetic image (w, h) as an image file: random colour blocks under tiled noise, so that the model and the
     PNG codec see texture. Built and written in one array of the image's size (the reader's memory is what counts)."""
     width, height = size
-    rng = np.random.RandomState(seed)
-    noise = rng.randint(0, 64, (min(height, 1024), min(width, 1024), 3), np.uint8)
-    blocks = rng.randint(0, 192, (-(-height // BLOCK), -(-width // BLOCK), 3), np.uint8)
-    image = np.empty((height, width, 3), np.uint8)
-    for top in range(0, height, BLOCK):
-        band = np.repeat(blocks[top // BLOCK], BLOCK, axis=0)[:width]  # [w, 3]
-        image[top:top + BLOCK] = band
-    for top in range(0, height, noise.shape[0]):
-        for left in range(0, width, noise.shape[1]):
-            tile = image[top:top + noise.shape[0], left:left + noise.shape[1]]
-            tile += noise[:tile.shape[0], :tile.shape[1]]
-    if not cv2.imwrite(path, image, [cv2.IMWRITE_PNG_COMPRESSION, 1]):
+    if not cv2.imwrite(path, SyntheticImage(width, height, seed).rows(0, height), [cv2.IMWRITE_PNG_COMPRESSION, 1]):
         raise OSError(f"could not write {path}")
     return path
+
+
+def write_geotiff(path, size, seed, rows_at_once=16 * BLOCK):
+    """The same kind of synthetic image (w, h) as a tiled, deflate-compressed RGB GeoTIFF (UTM 33N, 1 m pixels),
+    written ``rows_at_once`` rows at a time, so that 65536x65536 (12 GiB of pixels) is made in bounded memory."""
+    import rasterio
+    from affine import Affine
+    width, height = size
+    image = SyntheticImage(width, height, seed)
+    profile = dict(driver='GTiff', width=width, height=height, count=3, dtype='uint8', crs='EPSG:32633',
+                   transform=Affine(1.0, 0.0, 500000.0, 0.0, -1.0, 4000000.0), tiled=True, blockxsize=512,
+                   blockysize=512, compress='deflate', zlevel=1, photometric='RGB', BIGTIFF='IF_SAFER')
+    with rasterio.Env(GDAL_CACHEMAX=256 << 20), rasterio.open(path, 'w', **profile) as raster:
+        for top in range(0, height, rows_at_once):
+            bgr = image.rows(top, min(rows_at_once, height - top))
+            raster.write(bgr[:, :, ::-1].transpose(2, 0, 1), window=rasterio.windows.Window(0, top, width, len(bgr)))
+    return path
+
+
+class SyntheticImage:
+    """Random colour blocks of BLOCK pixels under noise that repeats every 1024 pixels, made rows at a time."""
+
+    def __init__(self, width, height, seed):
+        self.width, self.height = width, height
+        self.rng = np.random.RandomState(seed)
+        self.noise = self.rng.randint(0, 64, (min(height, 1024), min(width, 1024), 3), np.uint8)
+
+    def rows(self, top, count):
+        """BGR rows [top, top + count), asked for in order from the top, ``top`` a multiple of BLOCK."""
+        image = np.empty((count, self.width, 3), np.uint8)
+        for block_top in range(0, count, BLOCK):
+            blocks = self.rng.randint(0, 192, (-(-self.width // BLOCK), 3), np.uint8)
+            image[block_top:block_top + BLOCK] = np.repeat(blocks, BLOCK, axis=0)[:self.width]
+        noise = self.noise[(top + np.arange(count)) % self.noise.shape[0]]  # [count, 1024, 3]
+        for left in range(0, self.width, noise.shape[1]):
+            tile = image[:, left:left + noise.shape[1]]
+            tile += noise[:, :tile.shape[1]]
+        return image
 
 
 def model_seconds(segmenter, paths):

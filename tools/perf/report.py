@@ -147,7 +147,8 @@ def _image_rows(results):
                   '| runtime | image | window | s | s per Mpx | reference s per Mpx | ratio | peak MB | working MB |',
                   '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
         for name, result in large.items():
-            lines.append(f"| {_runtime_name(name)} | {_shape(result['size'])} | {_shape(result['window'])} "
+            kind = ' GeoTIFF' if '_geotiff_' in name else ''
+            lines.append(f"| {_runtime_name(name)} | {_shape(result['size'])}{kind} | {_shape(result['window'])} "
                          f"| {result['large_s']:.1f} | {result['large_s_per_mpx']:.3f} "
                          f"| {result['reference_s_per_mpx']:.3f} | {result['s_per_mpx_over_reference']:.2f} "
                          f"| {result['peak_mb']:.0f} | {result['peak_mb'] - result['setup_mb']:.0f} |")

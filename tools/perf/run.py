@@ -14,7 +14,7 @@ from emanet.deploy.static_graph import export_model, export_stage
 from emanet.device import bf16_kind, cpu_vendor
 from emanet.errors import InvalidInput, Unsupported
 from emanet.logger import logger
-from perf.folders import RUNTIMES, write_image
+from perf.folders import RUNTIMES, write_geotiff, write_image
 from perf.macs import ATTENTION_CHANNELS, NON_LOCAL_INTER_CHANNELS, count_macs, em_unit_macs, non_local_macs
 from perf.measure import build_emanet, machine_info, run_in_subprocess
 from perf.quickstart import evaluate_quickstart, label_agreement
@@ -71,9 +71,10 @@ def plan_jobs(skip, device, threads, bf16_supported):
         jobs.append({'name': 'attention', 'kind': 'attention'})
     return jobs, unavailable
 
-def plan_image_jobs(skip, device, work_dir, folder_images, folder_size, large_sizes, window, seed):
+def plan_image_jobs(skip, device, work_dir, folder_images, folder_size, large_sizes, window, seed, geotiff_sizes=()):
     """The folder and large-image worker processes (run once each, after the rounds), with the images they read
-    (written here, so that no worker's peak memory holds an image's making)."""
+    (written here, so that no worker's peak memory holds an image's making); ``geotiff_sizes``: sides of square
+    tiled GeoTIFFs, read and written window by window (``emanet.rasters``)."""
     runtimes = [key for key, (part, _, backend) in RUNTIMES.items()
                 if part not in skip and (backend == 'paddle' or device == 'cpu')]
     jobs = []
@@ -93,6 +94,11 @@ def plan_image_jobs(skip, device, work_dir, folder_images, folder_size, large_si
                              'image_path': os.path.join(work_dir, f'large_{size}.png'), 'size': [size, size],
                              'reference_path': reference_path, 'reference_size': list(folder_size),
                              'window': list(window)})
+            for size in geotiff_sizes:
+                jobs.append({'name': f'large_{key}_geotiff_{size}', 'kind': 'large_image', 'runtime_path': key,
+                             'image_path': os.path.join(work_dir, f'large_{size}.tif'), 'size': [size, size],
+                             'reference_path': reference_path, 'reference_size': list(folder_size),
+                             'window': list(window)})
     return jobs
 
 def _run_image_jobs(jobs, base, work_dir, seed):
@@ -102,7 +108,7 @@ def _run_image_jobs(jobs, base, work_dir, seed):
     for index, job in enumerate(jobs):
         path = job.get('image_path')
         if path and not os.path.exists(path):
-            write_image(path, job['size'], seed)
+            (write_geotiff if path.endswith('.tif') else write_image)(path, job['size'], seed)
         for name, result in run_in_subprocess(dict(base, **job), work_dir).items():
             measured[name] = result
             logger.info("[BENCH] %s: peak %.0f MB", name, result['peak_mb'])
@@ -129,7 +135,8 @@ def _quantize_int8(base, input_shape, work_dir):
 def run_benchmark(model_spec, input_size=(1024, 512), train_size=(512, 256), train_batch=2,
                   attention_size=(128, 64), runs=3, rounds=3, warmup=1, threads=None, device='cpu', skip=(),
                   quickstart_model=None, quickstart_config='configs/quickstart.yml', transforms=None,
-                  seed=0, command='', folder_images=8, folder_size=(2048, 1024), large_sizes=(4096, 16384)):
+                  seed=0, command='', folder_images=8, folder_size=(2048, 1024), large_sizes=(4096, 16384),
+                  geotiff_sizes=()):
     """Run every measurement and return the results as a JSON-serialisable dict.
 
     Args:
@@ -146,6 +153,7 @@ def run_benchmark(model_spec, input_size=(1024, 512), train_size=(512, 256), tra
         folder_images, folder_size: how many random images of (width, height) a folder holds: ``predict_images``
             over it against the model alone, per runtime (Paddle Inference fp32, OpenVINO int8).
         large_sizes: sides of the square images a sliding window of ``input_size`` crosses, against one folder image.
+        geotiff_sizes: the same as tiled GeoTIFFs, read and written window by window (needs rasterio, [geo]).
     """
     unknown = [part for part in skip if part not in PARTS]
     if unknown:
@@ -215,7 +223,8 @@ def run_benchmark(model_spec, input_size=(1024, 512), train_size=(512, 256), tra
                                 ROWS[name], result['median_s'], result['peak_mb'])
         measured.update({name: {'label': ROWS[name], 'skipped': reason} for name, reason in unavailable.items()})
         results['variants'] = {name: measured[name] for name in ROWS if name in measured}
-        image_jobs = plan_image_jobs(skip, device, work_dir, folder_images, folder_size, large_sizes, input_size, seed)
+        image_jobs = plan_image_jobs(skip, device, work_dir, folder_images, folder_size, large_sizes, input_size, seed,
+                                     geotiff_sizes)
         image_results = _run_image_jobs(image_jobs, dict(base, input_shape=None), work_dir, seed)
         results['folders'] = {name: result for name, result in image_results.items() if name.startswith('folder_')}
         results['large_images'] = {name: result for name, result in image_results.items()
