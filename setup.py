@@ -29,6 +29,9 @@ setup(
                                if line.split('#')[0].strip()],
                     # pip install emanet-paddle[paddlex]: EMANet in PaddleX (emanet.integrations.paddlex), the
                     # PaddleX version its tests ran with, with what create_model (cv) and serving need.
-                    'paddlex': ['paddlex[cv,serving]==3.7.2']},
+                    'paddlex': ['paddlex[cv,serving]==3.7.2'],
+                    # pip install emanet-paddle[ray]: tools/infer.py --ray (emanet.integrations.ray), Ray Data on a
+                    # cluster; every node and the driver need the same Ray version.
+                    'ray': ['ray[data]>=2.60; python_version >= "3.10"']},
     license='Apache-2.0',
 )
