@@ -41,6 +41,13 @@ INSTALL_HINT = "pip install 'emanet-paddle[ray]'"
 DECODE_CPUS = 0.25
 MAX_BLOCKS = 4096  # one image per block (finest retries and balance) up to this many images
 PROGRESS_SECONDS = 10.0
+# Ray Data feeds the pool once all its actors have started, so that every node takes its share from the first image;
+# a pool the cluster cannot place fails after this long rather than waiting forever.
+ACTOR_START_SECONDS = 600
+# After an actor was lost, how long to wait for the cluster to mark its node dead (Ray's health checks take about
+# 15 s), so that the next round does not place an actor on it again.
+NODE_DEATH_SECONDS = 60
+ROUNDS_WITHOUT_PROGRESS = 3  # rounds in a row that lost actors and wrote nothing, before the run gives up
 NO_IMAGE = np.zeros((0, 0, 3), np.uint8)  # the image of a row whose file could not be read
 
 
@@ -53,6 +60,7 @@ class RayReport:
     per_node: dict = dataclasses.field(default_factory=collections.Counter)  # images each node labelled
     failed: list = dataclasses.field(default_factory=list)  # (path, reason), in the order they came back
     actors: int = 0  # in the last round
+    actor_cpus: float = 0.0  # what each of them asks of a node
     rounds: int = 0  # one, and one more after each round that a lost node ended
 
 
@@ -118,33 +126,44 @@ def infer_on_ray(deploy_path, image_path, save_dir, address=None, actors=None, b
     if started_here:
         ray.init(address=address, logging_level='warning')
     data_context = ray.data.DataContext.get_current()
-    progress_bars = data_context.enable_progress_bars
-    data_context.enable_progress_bars = False  # the run logs its own progress, per node
+    settings = {'enable_progress_bars': False,  # the run logs its own progress, per node
+                'wait_for_min_actors_s': ACTOR_START_SECONDS}
+    settings_before = {key: getattr(data_context, key) for key in settings}
+    for key, value in settings.items():
+        setattr(data_context, key, value)
     lost_node_errors = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.NodeDiedError,
                         ray.exceptions.WorkerCrashedError)
     temp_tag = f"ray{uuid.uuid4().hex[:8]}"
     progress = _Progress(report, len(todo), progress_seconds)
     try:
-        remaining = todo
+        remaining, rounds_without_progress = todo, 0
         while remaining:
             report.rounds += 1
+            nodes_at_start = set(_alive_node_cpus(ray))
             try:
                 _run_round(ray, remaining, report, progress, deploy_path, save_dir, actors, backend, precision,
                            cpu_threads, options, fail_fast, temp_tag)
             except lost_node_errors as error:
                 logger.warning("[RAY] %s: %s", type(error).__name__, str(error).splitlines()[0])
+                _wait_for_the_lost_node(ray, nodes_at_start)
+            except ray.exceptions.GetTimeoutError:
+                raise Unsupported(f"the Ray cluster did not start {report.actors} actors of {report.actor_cpus} CPUs "
+                                  f"each in {ACTOR_START_SECONDS} s; ask for fewer with --ray_actors") from None
             failed = {path for path, _ in report.failed}
             still_missing = [(path, name) for path, name in remaining
                              if path not in failed and not results_present(save_dir, name)]
-            if len(still_missing) == len(remaining):
-                raise Unsupported(f"a run on the Ray cluster wrote nothing and {len(remaining)} images are missing "
-                                  f"(nodes died, see the warnings above); run again to resume")
+            rounds_without_progress = rounds_without_progress + 1 if len(still_missing) == len(remaining) else 0
+            if rounds_without_progress >= ROUNDS_WITHOUT_PROGRESS:
+                raise Unsupported(f"{ROUNDS_WITHOUT_PROGRESS} runs on the Ray cluster in a row lost actors and wrote "
+                                  f"nothing; {len(remaining)} images are missing (see the warnings above); run again "
+                                  f"to resume")
             if still_missing:
                 logger.warning("[RAY] %d images still missing after a node was lost: running them again on the "
                                "nodes alive", len(still_missing))
             remaining = still_missing
     finally:
-        data_context.enable_progress_bars = progress_bars
+        for key, value in settings_before.items():
+            setattr(data_context, key, value)
         _remove_temporary_files(save_dir, temp_tag)
         if started_here:
             ray.shutdown()
@@ -164,12 +183,12 @@ def _run_round(ray, todo, report, progress, deploy_path, save_dir, actors, backe
     total_cpus = sum(node_cpus.values())
     actors = actors or max(1, int(total_cpus))
     threads = cpu_threads or max(1, min(int(total_cpus // actors), int(max(node_cpus.values()))))
-    report.actors = actors
+    report.actors, report.actor_cpus = actors, max(threads - DECODE_CPUS, DECODE_CPUS)
     rows = [{'path': path, 'name': name} for path, name in todo]
     dataset = ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_BLOCKS))
     dataset = dataset.map(_read_image, num_cpus=DECODE_CPUS, max_retries=-1)
     dataset = dataset.map(
-        _Labeler, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=max(threads - DECODE_CPUS, DECODE_CPUS),
+        _Labeler, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=report.actor_cpus,
         fn_constructor_kwargs={'deploy_path': os.path.abspath(deploy_path), 'backend': backend,
                                'precision': precision, 'cpu_threads': threads, 'options': options,
                                'save_dir': os.path.abspath(save_dir), 'temp_tag': temp_tag},
@@ -199,6 +218,13 @@ class _Progress:
         done = sum(self.report.per_node.values())
         logger.info("[RAY] %d/%d images, %.2f images/s (%s)", done + len(self.report.failed), self.total,
                     done / (now - self.start), _per_node(self.report.per_node))
+
+
+def _wait_for_the_lost_node(ray, nodes_at_start):
+    """Wait (at most NODE_DEATH_SECONDS) until a node of the round is no longer alive in the cluster's view."""
+    deadline = time.monotonic() + NODE_DEATH_SECONDS
+    while set(_alive_node_cpus(ray)) >= nodes_at_start and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 def _per_node(per_node):
