@@ -42,6 +42,8 @@ def parse_args(argv=None):
                         help="the folder's image size, also the reference of the large images")
     parser.add_argument('--large_sizes', nargs='+', type=positive_int, default=[4096, 16384],
                         help='sides of square images predicted with a sliding window of --input_size (part "large")')
+    parser.add_argument('--ray_images', type=positive_int, default=24,
+                        help='images of --input_size labelled on a local Ray cluster of one, then two nodes (part "ray")')
     parser.add_argument('--seed', type=int, default=0, help='seed of the random weights and inputs')
     parser.add_argument('--json', help='write every number to this file')
     return parser.parse_args(argv)
@@ -62,7 +64,8 @@ def main(args):
                             rounds=args.rounds, warmup=args.warmup, threads=args.threads, device=args.device, skip=skip,
                             quickstart_model=args.quickstart_model, quickstart_config=args.quickstart_config,
                             transforms=transforms, seed=args.seed, command=command, folder_images=args.folder_images,
-                            folder_size=args.folder_size, large_sizes=args.large_sizes)
+                            folder_size=args.folder_size, large_sizes=args.large_sizes,
+                            ray_images=args.ray_images)
     print(format_report(results))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -22,6 +22,7 @@ Nothing here imports Ray until a function is called; ``pip install 'emanet-paddl
 """
 import collections
 import dataclasses
+import gc
 import os
 import posixpath
 import time
@@ -36,9 +37,13 @@ from emanet.errors import InvalidInput, Unsupported
 from emanet.logger import logger
 
 INSTALL_HINT = "pip install 'emanet-paddle[ray]'"
-# What each read-and-decode task asks of a node; each actor asks its threads less this, so that one task fits
-# beside each actor and the pool never takes every CPU from the tasks that feed it.
-DECODE_CPUS = 0.25
+# The share of an actor's CPUs its read-and-decode task asks for (an actor of one thread: 0.75 CPU, its task 0.25),
+# so that one task fits beside each actor and the pool never takes every CPU from the tasks that feed it.
+DECODE_SHARE = 0.25
+MIN_SHARE = 0.1  # CPUs an actor and its task ask for at least, when the cluster has (almost) none free
+# Runs of a read task, on whatever node: Ray Data's default is without end, and a task whose image lived on a lost
+# node would be rebuilt from its lineage even after its round ended, holding CPUs the next round needs.
+READ_RETRIES = 3
 MAX_BLOCKS = 4096  # one image per block (finest retries and balance) up to this many images
 PROGRESS_SECONDS = 10.0
 # Ray Data feeds the pool once all its actors have started, so that every node takes its share from the first image;
@@ -59,6 +64,7 @@ class RayReport:
     seconds: float = 0.0
     per_node: dict = dataclasses.field(default_factory=collections.Counter)  # images each node labelled
     failed: list = dataclasses.field(default_factory=list)  # (path, reason), in the order they came back
+    startup_seconds: float = 0.0  # until the first image came back (connecting, actors loading the model)
     actors: int = 0  # in the last round
     actor_cpus: float = 0.0  # what each of them asks of a node
     rounds: int = 0  # one, and one more after each round that a lost node ended
@@ -139,16 +145,21 @@ def infer_on_ray(deploy_path, image_path, save_dir, address=None, actors=None, b
         remaining, rounds_without_progress = todo, 0
         while remaining:
             report.rounds += 1
-            nodes_at_start = set(_alive_node_cpus(ray))
+            nodes_at_start, lost = set(_alive_node_cpus(ray)), None
             try:
                 _run_round(ray, remaining, report, progress, deploy_path, save_dir, actors, backend, precision,
                            cpu_threads, options, fail_fast, temp_tag)
             except lost_node_errors as error:
-                logger.warning("[RAY] %s: %s", type(error).__name__, str(error).splitlines()[0])
-                _wait_for_the_lost_node(ray, nodes_at_start)
+                lost = f"{type(error).__name__}: {str(error).splitlines()[0]}"
             except ray.exceptions.GetTimeoutError:
                 raise Unsupported(f"the Ray cluster did not start {report.actors} actors of {report.actor_cpus} CPUs "
                                   f"each in {ACTOR_START_SECONDS} s; ask for fewer with --ray_actors") from None
+            if lost:
+                logger.warning("[RAY] %s", lost)
+                # The aborted round's dataset, held by the exception's frames, keeps its actors and their CPUs
+                # until it is collected: the next round's pool could not start beside them.
+                gc.collect()
+                _wait_for_the_lost_node(ray, nodes_at_start)
             failed = {path for path, _ in report.failed}
             still_missing = [(path, name) for path, name in remaining
                              if path not in failed and not results_present(save_dir, name)]
@@ -170,9 +181,10 @@ def infer_on_ray(deploy_path, image_path, save_dir, address=None, actors=None, b
     # Counted from the files: an image written just before its actor died came back in no row.
     report.done = sum(results_present(save_dir, name) for _, name in todo)
     report.seconds = time.perf_counter() - progress.start
-    logger.info("[RAY] Predicted %d images in %.1f s (%.2f images/s) with %d actors on %d nodes (%s); %d skipped "
-                "(results present); %d failed%s", report.done, report.seconds, report.done / max(report.seconds, 1e-9),
-                report.actors, len(report.per_node), _per_node(report.per_node), report.skipped, len(report.failed),
+    logger.info("[RAY] Predicted %d images in %.1f s (%.2f images/s; the first after %.1f s) with %d actors on %d nodes "
+                "(%s); %d skipped (results present); %d failed%s", report.done, report.seconds,
+                report.done / max(report.seconds, 1e-9), report.startup_seconds, report.actors, len(report.per_node),
+                _per_node(report.per_node), report.skipped, len(report.failed),
                 ''.join(f"\n  {path}: {reason}" for path, reason in report.failed))
     return report
 
@@ -180,13 +192,16 @@ def infer_on_ray(deploy_path, image_path, save_dir, address=None, actors=None, b
 def _run_round(ray, todo, report, progress, deploy_path, save_dir, actors, backend, precision, cpu_threads,
                options, fail_fast, temp_tag):
     node_cpus = _alive_node_cpus(ray)
-    total_cpus = sum(node_cpus.values())
-    actors = actors or max(1, int(total_cpus))
-    threads = cpu_threads or max(1, min(int(total_cpus // actors), int(max(node_cpus.values()))))
-    report.actors, report.actor_cpus = actors, max(threads - DECODE_CPUS, DECODE_CPUS)
+    # Sized by the CPUs free: other jobs may hold some, and so may an actor of an aborted round until Ray Data's
+    # shutdown lets it go. An actor and its read task share what one actor may take, three quarters to one.
+    free_cpus = min(sum(node_cpus.values()), ray.available_resources().get('CPU', 0))
+    actors = actors or max(1, int(free_cpus))
+    threads = cpu_threads or max(1, min(int(free_cpus // actors), int(max(node_cpus.values()))))
+    share = min(threads, max(free_cpus, MIN_SHARE) / actors)
+    report.actors, report.actor_cpus = actors, share * (1 - DECODE_SHARE)
     rows = [{'path': path, 'name': name} for path, name in todo]
     dataset = ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_BLOCKS))
-    dataset = dataset.map(_read_image, num_cpus=DECODE_CPUS, max_retries=-1)
+    dataset = dataset.map(_read_image, num_cpus=share * DECODE_SHARE, max_retries=READ_RETRIES)
     dataset = dataset.map(
         _Labeler, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=report.actor_cpus,
         fn_constructor_kwargs={'deploy_path': os.path.abspath(deploy_path), 'backend': backend,
@@ -212,6 +227,8 @@ class _Progress:
 
     def update(self):
         now = time.perf_counter()
+        if not self.report.startup_seconds:
+            self.report.startup_seconds = now - self.start
         if now - self.last < self.seconds:
             return
         self.last = now

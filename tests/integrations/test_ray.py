@@ -3,21 +3,18 @@ writes, byte for byte; every image written once, whole, when a node dies mid-run
 missing; a file that is no image listed by name while the others go on, or stopping the run with --fail_fast."""
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
-import time
 
 import cv2
 import numpy as np
 import pytest
 
-ray = pytest.importorskip('ray', reason="Ray has no wheel for this Python (none for 3.9)")
+pytest.importorskip('ray', reason="Ray has no wheel for this Python (none for 3.9)")
 
 from conftest import run_tool_in_process  # noqa: E402
+from perf.cluster import WAIT_SECONDS, LocalCluster, wait_for  # noqa: E402  (tools/perf/)
 from deploy.test_export import TRANSFORMS, tiny_emanet  # noqa: E402
 from emanet.deploy.export import export_checked, preprocessed_images  # noqa: E402
 from emanet.errors import InvalidInput, Unsupported  # noqa: E402
@@ -30,92 +27,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SLIDE_FLAGS = ('--is_slide', '--crop_size', 48, 40, '--stride', 32, 24)
 SLIDE = InferenceOptions(is_slide=True, crop_size=(48, 40), stride=(32, 24))
 NUM_IMAGES = 16
-STARTUP_SECONDS = 90  # bound of every wait on the cluster: a stuck cluster fails the test
-
-
-class Cluster:
-    """A head node and a second node, each `ray start --block` in a process group of its own."""
-
-    def __init__(self, temp_dir):
-        self.temp_dir = temp_dir
-        self.port = _free_port()
-        self.address = f'127.0.0.1:{self.port}'
-        self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED='0',
-                        PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])))
-        self.processes = []
-        self.second_node_id = None
-
-    def start_node(self, *args):
-        ray_command = os.path.join(os.path.dirname(sys.executable), 'ray')
-        log = open(os.path.join(self.temp_dir, f'node{len(self.processes)}.log'), 'wb')
-        process = subprocess.Popen(
-            [ray_command, 'start', '--block', '--num-cpus', '1', '--node-ip-address', '127.0.0.1',
-             '--object-store-memory', str(200 << 20), '--disable-usage-stats', *args],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
-        log.close()
-        self.processes.append(process)
-        return process
-
-    def start(self):
-        head = self.start_node('--head', '--port', str(self.port), '--include-dashboard', 'false',
-                               '--temp-dir', self.temp_dir)
-        _wait_for(lambda: self.running(head) and _accepts(self.port), 'the head node to listen')
-        second = self.start_node('--address', self.address)
-        ray.init(address=self.address, logging_level='warning')
-        try:
-            _wait_for(lambda: self.running(second) and len(emanet_ray._alive_node_cpus(ray)) == 2,
-                      'the second node to join')
-            head_node = ray.get_runtime_context().get_node_id()
-            self.second_node_id, = [node for node in emanet_ray._alive_node_cpus(ray) if node != head_node]
-        finally:
-            ray.shutdown()
-
-    def running(self, process):
-        """True while ``process`` runs; its log in an error when it has ended."""
-        if process.poll() is None:
-            return True
-        index = self.processes.index(process)
-        with open(os.path.join(self.temp_dir, f'node{index}.log'), errors='replace') as log:
-            raise RuntimeError(f"ray start of node {index} ended with {process.returncode}: {log.read()[-2000:]}")
-
-    def kill_second_node(self):
-        """SIGKILL the second node's raylet and services (its workers exit with their raylet)."""
-        os.killpg(self.processes[1].pid, signal.SIGKILL)
-        self.processes[1].wait(timeout=STARTUP_SECONDS)
-
-    def stop(self):
-        for process in reversed(self.processes):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=STARTUP_SECONDS)
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
-
-def _accepts(port):
-    with socket.socket() as sock:
-        return sock.connect_ex(('127.0.0.1', port)) == 0
-
-
-def _wait_for(condition, what, seconds=STARTUP_SECONDS):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {seconds} s for {what}")
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope='module')
 def cluster():
+    """A head node and a second node, one CPU each; every node killed at the end, whatever happened."""
     # A short folder of its own: Ray's socket paths under it must stay within the 107 bytes a Unix socket allows.
     temp_dir = tempfile.mkdtemp(prefix='ray')
-    running = Cluster(temp_dir)
+    running = LocalCluster(temp_dir, pythonpath=REPO)  # the workers import this checkout's emanet
     try:
-        running.start()
+        running.add_node()
+        running.add_node()
         yield running
     finally:
         running.stop()
@@ -165,7 +87,7 @@ def test_a_two_node_run_writes_the_files_of_infer_py_byte_for_byte(cluster, expo
     assert written_files(tmp_path / 'out') == reference  # same names, same masks and overlays, no temporary file
     final = [line for line in log.splitlines() if '[RAY] Predicted' in line]
     assert final and f'Predicted {NUM_IMAGES} images' in final[0] and 'with 2 actors on 2 nodes' in final[0], log
-    assert f"/{cluster.second_node_id[:8]}: " in final[0]
+    assert f"/{cluster.node_ids[1][:8]}: " in final[0]
 
 
 def test_a_rerun_after_an_interrupted_run_writes_only_the_missing_images_and_lists_a_bad_file(
@@ -206,12 +128,12 @@ def test_killing_the_second_node_mid_run_still_writes_every_image_once(cluster, 
 
     runner = threading.Thread(target=run, daemon=True)
     runner.start()
-    second_node = f"/{cluster.second_node_id[:8]}: "
-    _wait_for(lambda: any(second_node in line for line in log_lines) or not runner.is_alive(),
+    second_node = f"/{cluster.node_ids[1][:8]}: "
+    wait_for(lambda: any(second_node in line for line in log_lines) or not runner.is_alive(),
               'the second node to label an image')
     assert runner.is_alive(), outcome  # the run was still going when the node died
-    cluster.kill_second_node()
-    runner.join(timeout=2 * STARTUP_SECONDS)
+    cluster.kill_node(1)
+    runner.join(timeout=2 * WAIT_SECONDS)
     assert not runner.is_alive(), 'the run did not end after the second node died'
     assert 'error' not in outcome, outcome['error']
     report = outcome['report']
