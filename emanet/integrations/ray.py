@@ -11,12 +11,12 @@ tools/infer.py gives them (``emanet.engine.predict``). Each file is written whol
 file renamed over it), so a task that Ray runs again rewrites the same files and a file present is complete.
 Every node must see the exported folder and the save folder at the same path (a shared filesystem).
 
-A node that dies: Ray runs its read tasks again elsewhere (Ray Data's ``max_retries=-1``, and lineage rebuilds the
-decoded images it held). Its actors are not restarted (``max_restarts=0``, Ray Data's default being -1 with
+A node that dies: Ray runs its read tasks again elsewhere (``READ_RETRIES`` times; lineage rebuilds the decoded
+images it held). Its actors are not restarted (``max_restarts=0``, Ray Data's default being -1 with
 ``max_task_retries=-1``): an actor whose node is gone can start again only where its CPUs are free, and on a
 cluster that no autoscaler grows its tasks would wait forever. So the actor's death ends the round
-(``ActorUnavailableError``), and the driver runs the images whose results are missing again, on the nodes alive,
-as many times as a round still writes something new.
+(``ActorUnavailableError``); the driver waits for the cluster to mark the node dead and runs the images whose
+results are missing again, on the CPUs free, as long as rounds still write something new.
 
 Nothing here imports Ray until a function is called; ``pip install 'emanet-paddle[ray]'`` installs it.
 """

@@ -62,10 +62,17 @@ class LocalCluster:
         self.processes[index].wait(timeout=WAIT_SECONDS)
 
     def stop(self):
+        """SIGKILL every node, and give their processes a moment to be gone (so that none writes into the temporary
+        folder after it is removed)."""
         for process in reversed(self.processes):
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=WAIT_SECONDS)
+        for process in self.processes:
+            try:
+                wait_for(lambda: not _group_has_live_processes(process.pid), 'the nodes to end', seconds=10)
+            except TimeoutError:
+                pass  # a process that outlives SIGKILL for 10 s is the system's to reap
 
     def _running(self, process):
         if process.poll() is None:
@@ -73,6 +80,20 @@ class LocalCluster:
         index = self.processes.index(process)
         with open(os.path.join(self.temp_dir, f'node{index}.log'), errors='replace') as log:
             raise RuntimeError(f"ray start of node {index} ended with {process.returncode}: {log.read()[-2000:]}")
+
+
+def _group_has_live_processes(group):
+    """Whether a process of ``group`` other than a zombie runs."""
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                with open(f'/proc/{entry}/stat') as f:
+                    fields = f.read().rsplit(')', 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != 'Z' and int(fields[2]) == group:
+                return True
+    return False
 
 
 def _free_port():
