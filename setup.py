@@ -34,6 +34,9 @@ setup(
                     'demo': ['gradio>=6,<7; python_version >= "3.10"'],
                     # pip install emanet-paddle[geo]: GeoTIFFs of any size, window by window (emanet.rasters).
                     'geo': [line.split('#')[0].strip() for line in
-                            (here / 'requirements-geo.txt').read_text().splitlines() if line.split('#')[0].strip()]},
+                            (here / 'requirements-geo.txt').read_text().splitlines() if line.split('#')[0].strip()],
+                    # pip install emanet-paddle[ray]: tools/infer.py --ray (emanet.integrations.ray), Ray Data on a
+                    # cluster; every node and the driver need the same Ray version.
+                    'ray': ['ray[data]>=2.60; python_version >= "3.10"']},
     license='Apache-2.0',
 )

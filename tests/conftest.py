@@ -303,8 +303,8 @@ def log_lines():
 
 # The files that take longest (in seconds on 2 cores, from `--durations=0`), in that order: each file's tests run
 # in one test process, so the longest go first and the short ones fill in, and both processes end together.
-LONGEST_FILES = ('test_benchmark.py', 'test_docs.py', 'test_distributed.py', 'test_end_to_end.py',
-                 'deploy/test_export.py', 'test_tools.py', 'test_distributed_failures.py', 'deploy/test_runtimes.py',
+LONGEST_FILES = ('test_benchmark.py', 'test_docs.py', 'integrations/test_ray.py', 'test_distributed.py',
+                 'test_end_to_end.py', 'deploy/test_export.py', 'test_tools.py', 'test_distributed_failures.py', 'deploy/test_runtimes.py',
                  'deploy/test_exported_options.py', 'engine/test_interruption.py', 'engine/test_predict_folders.py',
                  'engine/test_trainer.py', 'integrations/test_paddlex.py', 'engine/test_bad_input.py',
                  'deploy/test_int8.py')

@@ -30,9 +30,11 @@ from emanet.models import EMAU
 @pytest.mark.slow
 def test_benchmark_tool_reports_every_variant(tmp_path, capsys, monkeypatch):
     out = tmp_path / 'bench.json'
+    # Without the Ray part, which starts a cluster (tools/perf/cluster.py's is tested in integrations/test_ray.py).
     argv = ['--backbone', 'ResNet18_vd', '--input_size', '128', '64', '--train_size', '64', '32', '--attention_size',
             '32', '16', '--runs', '2', '--rounds', '1', '--warmup', '0', '--threads', '2', '--folder_images', '2',
-            '--folder_size', '96', '64', '--large_sizes', '256', '--geotiff_sizes', '256', '--json', str(out)]
+            '--folder_size', '96', '64', '--large_sizes', '256', '--geotiff_sizes', '256', '--json', str(out),
+            '--skip', 'ray']
     # In this process (each row is still measured in a process of its own); the report quotes the command line.
     monkeypatch.setattr(sys, 'argv', [os.path.join(TOOLS, 'benchmark.py')] + argv)
     benchmark.main(benchmark.parse_args(argv))

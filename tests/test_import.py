@@ -36,6 +36,7 @@ print(json.dumps({
     'scene_painter_imported': 'emanet.data.scene_painter' in sys.modules,
     'paddlex_modules': sorted(m for m in sys.modules
                               if m == 'paddlex' or m.startswith(('paddlex.', 'emanet.integrations'))),
+    'ray_modules': sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')),
     'warning_filters_unchanged': warnings.filters == filters,
 }))
 """
@@ -82,3 +83,9 @@ def test_import_does_not_load_the_quick_start_scene_painter(imported):
 def test_import_loads_neither_paddlex_nor_the_paddlex_integration(imported):
     found, _ = imported
     assert found['paddlex_modules'] == []
+
+
+def test_import_loads_neither_ray_nor_the_ray_integration(imported):
+    found, _ = imported
+    assert found['ray_modules'] == []
+    assert 'emanet.integrations.ray' not in found['paddlex_modules']  # every emanet.integrations module is listed there

@@ -46,6 +46,8 @@ def parse_args(argv=None):
     parser.add_argument('--geotiff_sizes', nargs='*', type=positive_int,
                         help='sides of square tiled GeoTIFFs predicted window by window (part "large"; default 4096 '
                              'when rasterio, the [geo] extra, is installed; 65536 is the 4.3-gigapixel run)')
+    parser.add_argument('--ray_images', type=positive_int, default=24,
+                        help='images of --input_size labelled on a local Ray cluster of one, then two nodes (part "ray")')
     parser.add_argument('--seed', type=int, default=0, help='seed of the random weights and inputs')
     parser.add_argument('--json', help='write every number to this file')
     return parser.parse_args(argv)
@@ -79,7 +81,7 @@ def main(args):
                             quickstart_model=args.quickstart_model, quickstart_config=args.quickstart_config,
                             transforms=transforms, seed=args.seed, command=command, folder_images=args.folder_images,
                             folder_size=args.folder_size, large_sizes=args.large_sizes,
-                            geotiff_sizes=geotiff_sizes(args.geotiff_sizes))
+                            geotiff_sizes=geotiff_sizes(args.geotiff_sizes), ray_images=args.ray_images)
     print(format_report(results))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -8,7 +8,9 @@ side, so a folder goes at the model's speed in bounded memory.
 """
 import collections
 import concurrent.futures
+import io
 import os
+import uuid
 
 import cv2
 import numpy as np
@@ -89,25 +91,51 @@ def pseudo_color_image(label, colors):
     return image
 
 
-def save_pseudo_color(image, label, save_dir, name, colors):
+def pseudo_color_paths(save_dir, name):
+    """Where ``save_pseudo_color`` writes the results of the image named ``name``: (mask PNG, overlay JPEG)."""
+    return (os.path.join(save_dir, 'pseudo_color_prediction', name + '.png'),
+            os.path.join(save_dir, 'added_prediction', name + '.jpg'))
+
+
+def write_atomically(path, data, temp_tag=''):
+    """Write ``data`` (bytes) as ``path`` whole or not at all: into a temporary file beside it, then renamed
+    over it, so that a file present is a file complete, and a writer killed midway leaves only a file named
+    ``<path>.<temp_tag>-<random>.tmp`` (``temp_tag``: a run's own mark, so that it can delete those)."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    temp_path = f"{path}.{temp_tag}-{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(temp_path, 'wb') as f:
+            f.write(data)
+        os.replace(temp_path, path)
+    except BaseException:
+        if os.path.exists(temp_path):
+            os.remove(temp_path)
+        raise
+
+
+def _encoded(path, ok_and_buffer):
+    ok, buffer = ok_and_buffer
+    if not ok:
+        raise OSError(f"could not encode {path}")
+    return buffer.tobytes()
+
+
+def save_pseudo_color(image, label, save_dir, name, colors, temp_tag=''):
     """Write ``label`` [H, W] uint8 as save_dir/pseudo_color_prediction/<name>.png and its overlay on
     ``image`` (BGR uint8, blended in place) as save_dir/added_prediction/<name>.jpg (PaddleSeg's
-    folder names and pixels)."""
-    mask_path = os.path.join(save_dir, 'pseudo_color_prediction', name + '.png')
-    overlay_path = os.path.join(save_dir, 'added_prediction', name + '.jpg')
-    os.makedirs(os.path.dirname(mask_path), exist_ok=True)
-    os.makedirs(os.path.dirname(overlay_path), exist_ok=True)
-    pseudo_color_image(label, colors).save(mask_path)
-    if not cv2.imwrite(overlay_path, overlay(image, label, colors, weight=0.6)):
-        raise OSError(f"could not write {overlay_path}")
+    folder names and pixels), each whole or not at all (``write_atomically``)."""
+    mask_path, overlay_path = pseudo_color_paths(save_dir, name)
+    mask = io.BytesIO()
+    pseudo_color_image(label, colors).save(mask, format='PNG')
+    write_atomically(mask_path, mask.getvalue(), temp_tag)
+    overlaid = cv2.imencode('.jpg', overlay(image, label, colors, weight=0.6))
+    write_atomically(overlay_path, _encoded(overlay_path, overlaid), temp_tag)
 
 
-def save_label_ids(label, save_dir, name, label_ids):
-    """Write the official ids of ``label`` (train ids) as save_dir/<name>.png, one channel."""
+def save_label_ids(label, save_dir, name, label_ids, temp_tag=''):
+    """Write the official ids of ``label`` (train ids) as save_dir/<name>.png, one channel, whole or not at all."""
     path = os.path.join(save_dir, name + '.png')
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if not cv2.imwrite(path, np.asarray(label_ids, np.uint8)[label]):
-        raise OSError(f"could not write {path}")
+    write_atomically(path, _encoded(path, cv2.imencode('.png', np.asarray(label_ids, np.uint8)[label])), temp_tag)
 
 
 def predict_images(segmenter, image_path, save_dir, palette=None, save_format='pseudo_color', label_ids=None,

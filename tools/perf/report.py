@@ -104,6 +104,7 @@ def format_report(results):
                  "working MB: peak minus the memory once model and input were ready. (c) to (h) run the logits export "
                  "and its argmax to labels; (a) and (b) return logits.")
     lines += _image_rows(results)
+    lines += _ray_rows(results)
     lines += _int8_export_row(results)
     lines += _findings(results)
     lines.append(f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['threads']} threads used, "
@@ -153,6 +154,30 @@ def _image_rows(results):
                          f"| {result['reference_s_per_mpx']:.3f} | {result['s_per_mpx_over_reference']:.2f} "
                          f"| {result['peak_mb']:.0f} | {result['peak_mb'] - result['setup_mb']:.0f} |")
     return lines
+
+def _ray_rows(results):
+    """tools/infer.py --ray on one node of one CPU against two, and against tools/infer.py on the same CPUs."""
+    measured = results.get('ray')
+    if not measured:
+        return []
+    if 'skipped' in measured:
+        return ['', f"Ray part: {measured['skipped']}"]
+    rows = [('tools/infer.py, 1 math thread', 'infer_py_1_threads'),
+            ('tools/infer.py, 2 math threads', 'infer_py_2_threads'),
+            ('tools/infer.py --ray, 1 node of 1 CPU', 'ray_1_nodes'),
+            ('tools/infer.py --ray, 2 nodes of 1 CPU', 'ray_2_nodes')]
+    lines = ['', 'A folder labelled on a local Ray cluster (nodes on this machine, one CPU each) against '
+                 'tools/infer.py on the same CPUs; whole runs, and Ray after its first image (actors started):',
+             '| path | images | s | images/s | images/s after start-up |', '| --- | --- | --- | --- | --- |']
+    for label, key in rows:
+        result = measured[key]
+        steady = f"{result['steady_images_per_s']:.3f}" if 'steady_images_per_s' in result else '-'
+        lines.append(f"| {label} | {result['images']} | {result['seconds']:.1f} | {result['images_per_s']:.3f} "
+                     f"| {steady} |")
+    lines.append(f"Two nodes over one: {measured['two_nodes_over_one']:.2f}x whole runs, "
+                 f"{measured['two_nodes_over_one_steady']:.2f}x after start-up.")
+    return lines
+
 
 def _peak_shares(results):
     """Each exported path's multiply-add rate, as a share of what this CPU's cores can do in its precision."""

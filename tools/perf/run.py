@@ -23,7 +23,7 @@ from perf.report import ROWS, RUNTIME_ROWS, ratios
 
 # Parts a user can leave out with --skip.
 PARTS = ('macs', 'paddleseg', 'inference', 'bf16', 'runtimes', 'flip', 'msflip', 'train', 'em_unit', 'folders',
-         'large')
+         'large', 'ray')
 
 # Random images the int8 export is calibrated on (latency does not depend on what they show).
 CALIBRATION_IMAGES = 8
@@ -116,6 +116,22 @@ def _run_image_jobs(jobs, base, work_dir, seed):
             os.remove(path)
     return measured
 
+def _ray_scaling(export_dir, work_dir, images, input_size, seed):
+    """``perf.cluster.ray_scaling`` over a folder of ``images`` random images of ``input_size``, or why it cannot run."""
+    try:
+        from emanet.integrations.ray import require_ray
+        require_ray()
+    except Unsupported as error:
+        return {'skipped': str(error)}
+    from perf.cluster import ray_scaling
+    folder = os.path.join(work_dir, 'ray_images')
+    os.makedirs(folder, exist_ok=True)
+    for index in range(images):
+        write_image(os.path.join(folder, f'image_{index:02d}.png'), input_size, seed + index)
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return ray_scaling(export_dir, folder, work_dir, pythonpath=repo)
+
+
 def _convert_for_runtimes(paddle_dir, work_dir):
     """The Paddle export as ONNX and OpenVINO fp32, and where the int8 export goes (``_quantize_int8`` makes it)."""
     exports = {name: os.path.join(work_dir, name) for name in ('onnx', 'openvino', 'openvino_int8')}
@@ -136,7 +152,7 @@ def run_benchmark(model_spec, input_size=(1024, 512), train_size=(512, 256), tra
                   attention_size=(128, 64), runs=3, rounds=3, warmup=1, threads=None, device='cpu', skip=(),
                   quickstart_model=None, quickstart_config='configs/quickstart.yml', transforms=None,
                   seed=0, command='', folder_images=8, folder_size=(2048, 1024), large_sizes=(4096, 16384),
-                  geotiff_sizes=()):
+                  geotiff_sizes=(), ray_images=24):
     """Run every measurement and return the results as a JSON-serialisable dict.
 
     Args:
@@ -154,6 +170,8 @@ def run_benchmark(model_spec, input_size=(1024, 512), train_size=(512, 256), tra
             over it against the model alone, per runtime (Paddle Inference fp32, OpenVINO int8).
         large_sizes: sides of the square images a sliding window of ``input_size`` crosses, against one folder image.
         geotiff_sizes: the same as tiled GeoTIFFs, read and written window by window (needs rasterio, [geo]).
+        ray_images: images of ``input_size`` tools/infer.py --ray labels on a local cluster of one node of one CPU,
+            then two (``perf.cluster.ray_scaling``), against tools/infer.py's loop on one and two threads.
     """
     unknown = [part for part in skip if part not in PARTS]
     if unknown:
@@ -190,7 +208,7 @@ def run_benchmark(model_spec, input_size=(1024, 512), train_size=(512, 256), tra
             logger.info("[BENCH] %.1f M parameters, %.1f GMAC at %s", results['macs']['params'] / 1e6,
                         results['macs']['total_macs'] / 1e9, 'x'.join(map(str, eval_shape)))
         exports = {'paddle': os.path.join(work_dir, 'export')}
-        if 'inference' not in skip or 'runtimes' not in skip:
+        if 'inference' not in skip or 'runtimes' not in skip or 'ray' not in skip:
             export_model(model, exports['paddle'], transforms or [{'type': 'Normalize'}], output_op='none')
         if 'runtimes' not in skip and device == 'cpu':
             exports.update(_convert_for_runtimes(exports['paddle'], work_dir))
@@ -230,6 +248,8 @@ def run_benchmark(model_spec, input_size=(1024, 512), train_size=(512, 256), tra
         results['large_images'] = {name: result for name, result in image_results.items()
                                    if name.startswith('large_')}
 
+        if 'ray' not in skip and device == 'cpu':
+            results['ray'] = _ray_scaling(exports['paddle'], work_dir, ray_images, input_size, seed)
         results['labels'] = _compare_labels(work_dir, results['variants'])
         if quickstart_model:
             results['quickstart'] = evaluate_quickstart(
