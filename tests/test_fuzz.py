@@ -73,13 +73,6 @@ def test_an_input_past_the_memory_bound_is_a_finding_even_when_it_ends_well(tmp_
     assert finding.problem.startswith('allocated 257 MiB at its peak')
 
 
-def test_a_user_error_of_several_lines_is_a_finding(tmp_path):
-    def run(data, folder):
-        raise InvalidInput('first line\n- second line')
-
-    assert 'several lines' in try_input(_picky_target(run), b'', Tally('picky'), tmp_path).problem
-
-
 def test_mutations_edit_the_seed_where_they_say():
     assert mutate(b'abcdef', [('set_byte', 0.5, ord('X'))]) == b'abcXef'
     assert mutate(b'abcdef', [('truncate', 0.5)]) == b'abc'

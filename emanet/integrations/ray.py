@@ -284,7 +284,7 @@ class _Labeler:
         from emanet.deploy.backends import load_exported
         self.segmenter = load_exported(deploy_path, backend=backend, precision=precision, cpu_threads=cpu_threads,
                                        options=options)
-        self.colors = color_map()
+        self.colors = color_map(self.segmenter.deploy.get('palette'))  # the export's colours, as tools/infer.py
         self.save_dir, self.temp_tag = save_dir, temp_tag
         self.node = f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
 
