@@ -5,11 +5,14 @@ A config, a checkpoint, an archive or a URL someone shared can be hostile. Each 
 bounds its work by an explicit budget, named here once, and ends in success or one ``UserError`` naming
 the file: never a traceback, a hang, or memory out of proportion to the input.
 
-| budget | where it applies | default | override |
-| --- | --- | --- | --- |
-| ``MAX_TEXT_BYTES`` | a YAML or JSON file read whole | 16 MiB | |
-| ``MAX_TEXT_VALUES`` | values a YAML file's aliases expand to | 100,000 | |
-| ``MAX_TEXT_DEPTH`` | nesting of a YAML or JSON file | 100 | |
+| budget | where it applies | default |
+| --- | --- | --- |
+| ``MAX_TEXT_BYTES`` | a YAML or JSON file read whole | 16 MiB |
+| ``MAX_TEXT_VALUES`` | values a YAML file's aliases expand to | 100,000 |
+| ``MAX_TEXT_DEPTH`` | nesting of a YAML or JSON file | 100 |
+
+Budgets a user may set (``EMANET_DOWNLOAD_TIMEOUT``, ``_DEADLINE``, ``_LOCK_WAIT``, ``EMANET_MAX_DOWNLOAD_BYTES``)
+are read by ``budget_from_environment``: anything but a positive number is one sentence naming the variable.
 
 The readers behind the door keep their own budgets beside their code, listed here so that one page
 holds them all: the pickle reader (``emanet.safe_pickle``: nesting, instructions, shared values, each
