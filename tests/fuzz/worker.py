@@ -25,11 +25,12 @@ INSTRUMENTED = ('emanet', 'tarfile', 'zipfile', 'gzip', 'json', 'yaml', 'picklet
 
 
 class Run:
-    def __init__(self, target, seconds, report, findings):
+    def __init__(self, target, seconds, report, findings, max_inputs=None):
         self.target, self.report, self.findings = target, Path(report), Path(findings)
         self.findings.mkdir(parents=True, exist_ok=True)
         self.tally = Tally(target.name)
         self.deadline = time.monotonic() + seconds
+        self.max_inputs = max_inputs
         self.scratch = tempfile.mkdtemp(prefix=f'fuzz-{target.name}-')
         self.last_write = 0.0
         self.engine = None
@@ -53,7 +54,7 @@ class Run:
         self.report.write_text(json.dumps(report))
 
     def over(self):
-        return time.monotonic() > self.deadline
+        return time.monotonic() > self.deadline or (self.max_inputs is not None and self.tally.inputs >= self.max_inputs)
 
 
 def fuzz_with_hypothesis(run, seeds):
@@ -115,11 +116,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('target', choices=sorted(TARGETS))
     parser.add_argument('seconds', type=float)
+    parser.add_argument('--inputs', type=int, help='stop after this many inputs, if the time has not run out first')
     parser.add_argument('--engine', choices=('hypothesis', 'atheris'), default='hypothesis')
     parser.add_argument('--report', required=True)
     parser.add_argument('--findings', required=True)
     args = parser.parse_args(argv)
-    run = Run(TARGETS[args.target], args.seconds, args.report, args.findings)
+    run = Run(TARGETS[args.target], args.seconds, args.report, args.findings, args.inputs)
     run.engine = args.engine
     seeds = made_seeds(run.target, run.scratch)
     for seed in seeds:  # every run tries the valid inputs themselves first
