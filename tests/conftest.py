@@ -141,13 +141,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serving():
-    """A file server on 127.0.0.1 (``Handler``'s files, its records cleared) while the block runs; its base URL."""
-    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-    Handler.hits.clear()
-    Handler.redirects.clear()
-    Handler.endless.clear()
-    Handler.delay = 0.0
+def serving_with(handler):
+    """A server on 127.0.0.1 answering with ``handler`` while the block runs; its base URL."""
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
     # shutdown() waits for serve_forever's next poll: a short interval spares each test half a second
     thread = threading.Thread(target=httpd.serve_forever, kwargs={'poll_interval': 0.02}, daemon=True)
     thread.start()
@@ -156,6 +152,17 @@ def serving():
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@contextlib.contextmanager
+def serving():
+    """A file server on 127.0.0.1 (``Handler``'s files, its records cleared) while the block runs; its base URL."""
+    Handler.hits.clear()
+    Handler.redirects.clear()
+    Handler.endless.clear()
+    Handler.delay = 0.0
+    with serving_with(Handler) as url:
+        yield url
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import time
 import paddle
 import pytest
 
-from conftest import Handler
+from conftest import Handler, serving_with
 from emanet.download import DownloadError, cache_location, cached_path, weights_path
 
 
@@ -341,19 +341,6 @@ def raised_within(seconds, function):
     thread.join(seconds)
     assert outcome, f'still running after {seconds} seconds'
     return outcome[0]
-
-
-@contextlib.contextmanager
-def serving_with(handler):
-    """A server on 127.0.0.1 answering with ``handler`` while the block runs; its base URL."""
-    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={'poll_interval': 0.02}, daemon=True)
-    thread.start()
-    try:
-        yield f'http://127.0.0.1:{httpd.server_address[1]}'
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 class Trickle(http.server.BaseHTTPRequestHandler):
