@@ -46,7 +46,7 @@ def parse_args(argv=None):
     parser.add_argument('--geotiff_sizes', nargs='*', type=positive_int,
                         help='sides of square tiled GeoTIFFs predicted window by window (part "large"; default 4096 '
                              'when rasterio, the [geo] extra, is installed; 65536 is the 4.3-gigapixel run)')
-    parser.add_argument('--ray_images', type=positive_int, default=24,
+    parser.add_argument('--ray_images', type=positive_int, default=64,
                         help='images of --input_size labelled on a local Ray cluster of one, then two nodes (part "ray")')
     parser.add_argument('--seed', type=int, default=0, help='seed of the random weights and inputs')
     parser.add_argument('--json', help='write every number to this file')

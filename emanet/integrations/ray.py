@@ -5,14 +5,17 @@ filesystems read (``s3://``, ``gs://``, ``hdfs://``, ``file://``) on a Ray clust
     emanet_ray.infer_on_ray('output/export', 's3://bucket/images', '/shared/result', address='auto')
 
 The driver lists the images and leaves out those whose results are all present, so a rerun does only the rest.
-Ray Data reads and decodes each image in a task; a pool of actors, each holding the exported model with its
-own share of the cores (``cpu_threads``), labels it and writes its mask and overlay under the names
-tools/infer.py gives them (``emanet.engine.predict``). Each file is written whole or not at all (a temporary
-file renamed over it), so a task that Ray runs again rewrites the same files and a file present is complete.
+A pool of actors, each holding the exported model with its own share of the cores (``cpu_threads``), reads
+and decodes each image, labels it and writes its mask and overlay under the names tools/infer.py gives them
+(``emanet.engine.predict``). Each actor takes ``CALLS_PER_ACTOR`` images at once on threads of its own: one is
+read, decoded or written while another is in the model, which runs on one thread at a time. Reading in Ray tasks
+beside the actors cost a Python process per image: Ray ends idle workers beyond one per CPU, and the actors hold
+every CPU, so each task started a fresh worker that imported Paddle (two nodes of one CPU ran at 0.50x one).
+Each file is written whole or not at all (a temporary file renamed over it), so an image that Ray runs again
+rewrites the same files and a file present is complete.
 Every node must see the exported folder and the save folder at the same path (a shared filesystem).
 
-A node that dies: Ray runs its read tasks again elsewhere (``READ_RETRIES`` times; lineage rebuilds the decoded
-images it held). Its actors are not restarted (``max_restarts=0``, Ray Data's default being -1 with
+A node that dies: its actors are not restarted (``max_restarts=0``, Ray Data's default being -1 with
 ``max_task_retries=-1``): an actor whose node is gone can start again only where its CPUs are free, and on a
 cluster that no autoscaler grows its tasks would wait forever. So the actor's death ends the round
 (``ActorUnavailableError``); the driver waits for the cluster to mark the node dead and runs the images whose
@@ -37,13 +40,12 @@ from emanet.errors import InvalidInput, Unsupported
 from emanet.logger import logger
 
 INSTALL_HINT = "pip install 'emanet-paddle[ray]'"
-# The share of an actor's CPUs its read-and-decode task asks for (an actor of one thread: 0.75 CPU, its task 0.25),
-# so that one task fits beside each actor and the pool never takes every CPU from the tasks that feed it.
-DECODE_SHARE = 0.25
-MIN_SHARE = 0.1  # CPUs an actor and its task ask for at least, when the cluster has (almost) none free
-# Runs of a read task, on whatever node: Ray Data's default is without end, and a task whose image lived on a lost
-# node would be rebuilt from its lineage even after its round ended, holding CPUs the next round needs.
-READ_RETRIES = 3
+# CPUs an actor asks for at least, when the cluster has (almost) none free; every actor leaves this much of its
+# share unasked. An actor of a round that a lost node ended is let go only once Ray Data's last references to it
+# are collected, and until then the next round's actors must fit beside it.
+MIN_SHARE = 0.1
+# Images an actor holds at once, each on a thread: one in the model, the other read, decoded or written meanwhile.
+CALLS_PER_ACTOR = 2
 MAX_BLOCKS = 4096  # one image per block (finest retries and balance) up to this many images
 PROGRESS_SECONDS = 10.0
 # Ray Data feeds the pool once all its actors have started, so that every node takes its share from the first image;
@@ -53,7 +55,6 @@ ACTOR_START_SECONDS = 600
 # 15 s), so that the next round does not place an actor on it again.
 NODE_DEATH_SECONDS = 60
 ROUNDS_WITHOUT_PROGRESS = 3  # rounds in a row that lost actors and wrote nothing, before the run gives up
-NO_IMAGE = np.zeros((0, 0, 3), np.uint8)  # the image of a row whose file could not be read
 
 
 @dataclasses.dataclass
@@ -193,17 +194,18 @@ def _run_round(ray, todo, report, progress, deploy_path, save_dir, actors, backe
                options, fail_fast, temp_tag):
     node_cpus = _alive_node_cpus(ray)
     # Sized by the CPUs free: other jobs may hold some, and so may an actor of an aborted round until Ray Data's
-    # shutdown lets it go. An actor and its read task share what one actor may take, three quarters to one.
+    # shutdown lets it go.
     free_cpus = min(sum(node_cpus.values()), ray.available_resources().get('CPU', 0))
     actors = actors or max(1, int(free_cpus))
     threads = cpu_threads or max(1, min(int(free_cpus // actors), int(max(node_cpus.values()))))
     share = min(threads, max(free_cpus, MIN_SHARE) / actors)
-    report.actors, report.actor_cpus = actors, share * (1 - DECODE_SHARE)
+    report.actors, report.actor_cpus = actors, max(share - MIN_SHARE, MIN_SHARE)
     rows = [{'path': path, 'name': name} for path, name in todo]
     dataset = ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_BLOCKS))
-    dataset = dataset.map(_read_image, num_cpus=share * DECODE_SHARE, max_retries=READ_RETRIES)
     dataset = dataset.map(
-        _Labeler, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=report.actor_cpus,
+        _Labeler, compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=CALLS_PER_ACTOR,
+                                                     enable_true_multi_threading=True),
+        num_cpus=report.actor_cpus,
         fn_constructor_kwargs={'deploy_path': os.path.abspath(deploy_path), 'backend': backend,
                                'precision': precision, 'cpu_threads': threads, 'options': options,
                                'save_dir': os.path.abspath(save_dir), 'temp_tag': temp_tag},
@@ -264,39 +266,44 @@ def _read_bytes(path):
         return f.read()
 
 
-def _read_image(row):
-    """A Ray Data task: the row with its image decoded (BGR uint8, as cv2.imread reads it), or with the reason it
-    could not be read."""
-    try:
-        image = cv2.imdecode(np.frombuffer(_read_bytes(row['path']), np.uint8), cv2.IMREAD_COLOR)
-        if image is None:
-            raise InvalidInput("not an image OpenCV can decode")
-        return dict(row, image=image, error='')
-    except (OSError, InvalidInput) as error:
-        return dict(row, image=NO_IMAGE, error=f"{type(error).__name__}: {error}")
+def _read_image(path):
+    """The image at ``path``, BGR uint8 as cv2.imread reads it."""
+    image = cv2.imdecode(np.frombuffer(_read_bytes(path), np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise InvalidInput("not an image OpenCV can decode")
+    return image
 
 
 class _Labeler:
-    """A Ray Data actor: one exported model labelling images and writing their results."""
+    """A Ray Data actor: one exported model labelling images and writing their results. Ray calls it on up to
+    ``CALLS_PER_ACTOR`` threads at once; the model runs on a thread of its own, one image at a time (a predictor
+    is not for concurrent calls, and Paddle's oneDNN caches are kept per thread)."""
 
     def __init__(self, deploy_path, backend, precision, cpu_threads, options, save_dir, temp_tag):
+        import concurrent.futures
+
         import ray
         from emanet.deploy.backends import load_exported
-        self.segmenter = load_exported(deploy_path, backend=backend, precision=precision, cpu_threads=cpu_threads,
-                                       options=options)
+        self.model_thread = concurrent.futures.ThreadPoolExecutor(1, 'emanet-model')
+        self.segmenter = self.model_thread.submit(
+            load_exported, deploy_path, backend=backend, precision=precision, cpu_threads=cpu_threads,
+            options=options).result()
         self.colors = color_map(self.segmenter.deploy.get('palette'))  # the export's colours, as tools/infer.py
         self.save_dir, self.temp_tag = save_dir, temp_tag
         self.node = f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
 
     def __call__(self, row):
-        result = {'path': row['path'], 'name': row['name'], 'node': self.node, 'error': row['error']}
-        if row['error']:
+        result = {'path': row['path'], 'name': row['name'], 'node': self.node, 'error': ''}
+        try:
+            image = _read_image(row['path'])
+        except (OSError, InvalidInput) as error:
+            result['error'] = f"{type(error).__name__}: {error}"
             return result
         try:
-            # The overlay blends into the image, which Ray Data may hand over read-only.
-            image, model_input, trans_info = self.segmenter.prepare(np.array(row['image']))
-            label = self.segmenter.predict_prepared((image, model_input, trans_info)).astype(np.uint8, copy=False)
-            save_pseudo_color(image, label, self.save_dir, row['name'], self.colors, self.temp_tag)
+            image, model_input, trans_info = self.segmenter.prepare(image)
+            label = self.model_thread.submit(self.segmenter.predict_prepared, (image, model_input, trans_info)).result()
+            save_pseudo_color(image, label.astype(np.uint8, copy=False), self.save_dir, row['name'], self.colors,
+                              self.temp_tag)
         except Exception as error:  # one image's failure is reported by its name; the others go on
             result['error'] = f"{type(error).__name__}: {error}"
         return result

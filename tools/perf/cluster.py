@@ -1,5 +1,6 @@
 """tools/infer.py --ray on a local Ray cluster: ``LocalCluster`` (nodes of one CPU on 127.0.0.1, each a ``ray start
---block`` in a process group of its own, so that one node can be killed and every node stopped by its group), and
+--block`` in a process group of its own, so that one node can be killed and every node stopped by its group, and
+each confined to a core of its own, as a machine of one CPU would be), and
 ``ray_scaling``, images/s on one node against two, and against tools/infer.py's loop on the same CPUs."""
 import os
 import shutil
@@ -18,7 +19,10 @@ WAIT_SECONDS = 90  # bound of every wait on the cluster: a stuck cluster is an e
 
 
 class LocalCluster:
-    """Ray nodes of one CPU each on 127.0.0.1: ``add_node()`` starts the head, then nodes that join it."""
+    """Ray nodes of one CPU each on 127.0.0.1: ``add_node()`` starts the head, then nodes that join it. Node i and
+    every process it starts (raylet, workers, actors) run on the i-th core this process may use (round robin when
+    there are more nodes than cores): ``--num-cpus 1`` only counts, so an unconfined node of one CPU would use
+    every idle core for its actor's reading and writing threads and for Ray's own processes."""
 
     def __init__(self, temp_dir, pythonpath=None):
         import ray
@@ -38,11 +42,14 @@ class LocalCluster:
         args = (['--head', '--port', str(self.port), '--include-dashboard', 'false', '--temp-dir', self.temp_dir]
                 if index == 0 else ['--address', self.address])
         ray_command = os.path.join(os.path.dirname(sys.executable), 'ray')
+        cores = sorted(os.sched_getaffinity(0))
+        core = cores[index % len(cores)]
         with open(os.path.join(self.temp_dir, f'node{index}.log'), 'wb') as log:
             process = subprocess.Popen(
                 [ray_command, 'start', '--block', '--num-cpus', '1', '--node-ip-address', '127.0.0.1',
                  '--object-store-memory', str(200 << 20), '--disable-usage-stats', *args],
-                stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+                stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+                preexec_fn=lambda: os.sched_setaffinity(0, {core}))
         self.processes.append(process)
         if index == 0:
             wait_for(lambda: self._running(process) and _accepts(self.port), 'the head node to listen')

@@ -166,8 +166,9 @@ def _ray_rows(results):
             ('tools/infer.py, 2 math threads', 'infer_py_2_threads'),
             ('tools/infer.py --ray, 1 node of 1 CPU', 'ray_1_nodes'),
             ('tools/infer.py --ray, 2 nodes of 1 CPU', 'ray_2_nodes')]
-    lines = ['', 'A folder labelled on a local Ray cluster (nodes on this machine, one CPU each) against '
-                 'tools/infer.py on the same CPUs; whole runs, and Ray after its first image (actors started):',
+    lines = ['', 'A folder labelled on a local Ray cluster (nodes on this machine of one CPU each, each confined to a '
+                 'core of its own) against tools/infer.py on the same CPUs; whole runs, and Ray after its first '
+                 'image (actors started):',
              '| path | images | s | images/s | images/s after start-up |', '| --- | --- | --- | --- | --- |']
     for label, key in rows:
         result = measured[key]
