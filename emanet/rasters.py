@@ -209,15 +209,17 @@ def _predict_raster(rasterio, segmenter, path, partial, colors, options):
             if options.confidence:
                 output.set_band_description(2, 'confidence (top class probability x 254)')
             strips = len(window_starts(source.height, segmenter.options.crop_size[1], segmenter.options.stride[1]))
-            for strip in tqdm(_stream(segmenter, read_window, source, options), total=strips,
+            # Scores carried between rows of windows may spill next to the output (emanet.tiles.SPILL_BYTES).
+            spill_dir = os.path.dirname(partial)
+            for strip in tqdm(_stream(segmenter, read_window, source, options, spill_dir), total=strips,
                               desc=os.path.basename(path), unit='strip'):
                 writer.write(*strip)
 
 
-def _stream(segmenter, read_window, source, options):
+def _stream(segmenter, read_window, source, options, spill_dir):
     return stream_strips(read_window, source.height, source.width, segmenter.prepare_window, segmenter.forward,
                          segmenter.options.crop_size, segmenter.options.stride, segmenter.options.slide_batch,
-                         confidence=options.confidence)
+                         confidence=options.confidence, spill_dir=spill_dir)
 
 
 class _StripWriter:

@@ -9,9 +9,17 @@ the next window covers. The rest is divided by its window count and reduced to l
 row of windows hands back its finished strip of labels, so memory grows with the window and the image
 width, never with its area; the labels equal the whole-image ones. ``stream_labels`` gathers the strips of
 an image held in memory; ``emanet.rasters`` writes them into a GeoTIFF as they come.
+
+The scores carried from one row of windows to the next are C x overlap x width floats: 637 MB at 65536
+pixels wide, 19 classes and 128 rows of overlap, and up to the window's height less one row where the last
+row of windows is moved up to end at the image's edge. Given a ``spill_dir``, carries over ``SPILL_BYTES``
+go to a nameless temporary file there (written and read in column order, as the windows come), so the
+process's memory stays with the window; the kernel's page cache holds them as it can.
 """
 import collections
 import concurrent.futures
+import os
+import tempfile
 
 import numpy as np
 
@@ -21,6 +29,8 @@ from emanet.test_time import check_window, coverage, window_starts
 PIXELWISE_TRANSFORMS = ('Normalize',)
 # Batches of windows read and prepared ahead of the model.
 WINDOWS_AHEAD = 2
+# Carried scores larger than this go to a temporary file in ``spill_dir`` (when one is given).
+SPILL_BYTES = 128 << 20
 
 
 def pixelwise(transforms):
@@ -59,7 +69,8 @@ def stream_labels(image, prepare, forward, crop_size, stride, slide_batch=1):
     return labels
 
 
-def stream_strips(read_window, height, width, prepare, forward, crop_size, stride, slide_batch=1, confidence=False):
+def stream_strips(read_window, height, width, prepare, forward, crop_size, stride, slide_batch=1, confidence=False,
+                  spill_dir=None):
     """(top, labels [h, width], confidence [h, width] or None) of each strip of an image [height, width], top to
     bottom: the rows that no later window covers, once the row of windows above them has run.
 
@@ -69,13 +80,15 @@ def stream_strips(read_window, height, width, prepare, forward, crop_size, strid
             where other windows cover them.
         prepare, forward, crop_size, stride, slide_batch: as for ``stream_labels``.
         confidence: also give the top class's probability (softmax of the averaged logits), 0-254 as uint8.
+        spill_dir: a folder for the carried scores over ``SPILL_BYTES`` (a file without a name, gone when closed).
     Labels are uint8 up to 256 classes, else int32.
     """
     check_window(crop_size, stride)
     (crop_width, crop_height), (stride_width, stride_height) = crop_size, stride
     window_height, window_width = min(crop_height, height), min(crop_width, width)
     tops, lefts = window_starts(height, crop_height, stride_height), window_starts(width, crop_width, stride_width)
-    state = _StreamState(width, coverage(height, tops, crop_height), coverage(width, lefts, crop_width), confidence)
+    state = _StreamState(width, coverage(height, tops, crop_height), coverage(width, lefts, crop_width), confidence,
+                         spill_dir)
     windows = [(row, column) for row in range(len(tops)) for column in range(len(lefts))]
     batches = [windows[first:first + slide_batch] for first in range(0, len(windows), slide_batch)]
 
@@ -85,18 +98,22 @@ def stream_strips(read_window, height, width, prepare, forward, crop_size, strid
         return batch, [crop is not None for crop in crops], np.stack(inputs) if inputs else None
 
     with concurrent.futures.ThreadPoolExecutor(1, 'emanet-windows') as reader:
-        for batch, was_read, inputs in read_ahead(reader, load, batches, WINDOWS_AHEAD):
-            logits = iter(())
-            if inputs is not None:
-                logits = forward(inputs)
-                logits = iter(np.asarray(logits.numpy() if hasattr(logits, 'numpy') else logits, dtype=np.float32))
-            for (row, column), read in zip(batch, was_read):
-                next_top = tops[row + 1] if row + 1 < len(tops) else height
-                next_left = lefts[column + 1] if column + 1 < len(lefts) else width
-                strip = state.add(tops[row], lefts[column], next_top, next_left, window_height, window_width,
-                                  next(logits) if read else None)
-                if strip is not None:
-                    yield strip
+        try:
+            for batch, was_read, inputs in read_ahead(reader, load, batches, WINDOWS_AHEAD):
+                logits = iter(())
+                if inputs is not None:
+                    logits = forward(inputs)
+                    logits = iter(np.asarray(logits.numpy() if hasattr(logits, 'numpy') else logits,
+                                             dtype=np.float32))
+                for (row, column), read in zip(batch, was_read):
+                    next_top = tops[row + 1] if row + 1 < len(tops) else height
+                    next_left = lefts[column + 1] if column + 1 < len(lefts) else width
+                    strip = state.add(tops[row], lefts[column], next_top, next_left, window_height, window_width,
+                                      next(logits) if read else None)
+                    if strip is not None:
+                        yield strip
+        finally:
+            state.close()
 
 
 class _StreamState:
@@ -106,12 +123,13 @@ class _StreamState:
     confidences) of the current row's final rows. The class count is the first window's that runs; before
     it, only skipped windows were seen, so the scores are zero."""
 
-    def __init__(self, width, row_count, column_count, confidence):
+    def __init__(self, width, row_count, column_count, confidence, spill_dir=None):
         self.width = width
         self.row_count, self.column_count = row_count, column_count
         self.confidence = confidence
+        self.spill_dir = spill_dir
         self.classes = None
-        self.carry = None  # [C, rows, W]: sums for rows [top, top + rows) of the current row of windows
+        self.carry = None  # _Carry [C, rows, W]: sums for rows [top, top + rows) of the current row of windows
         self.next_carry = None
         self.open = None  # [C, h, w]: sums for columns [open_left, open_left + w) of the current row
         self.open_left = 0
@@ -123,6 +141,8 @@ class _StreamState:
         if logits is not None and self.classes is None:
             self.classes = logits.shape[0]
         if left == 0:  # a new row of windows
+            if self.carry is not None:
+                self.carry.close()
             self.carry, self.next_carry = self.next_carry, None
             self.open, self.open_left = None, 0
             self.strip = np.zeros([next_top - top, self.width], np.uint8)
@@ -146,7 +166,7 @@ class _StreamState:
             return
         added = np.zeros([self.classes, window_height, right - current_right], np.float32)
         if self.carry is not None:
-            added[:, :self.carry.shape[1]] = self.carry[:, :, current_right:right]
+            added[:, :self.carry.rows] = self.carry.read(current_right, right)
         self.open = added if self.open is None else np.concatenate([self.open, added], axis=2)
 
     def _close(self, top, next_top, left, right):
@@ -168,8 +188,50 @@ class _StreamState:
             self.strip_confidence[:, left:right] = np.rint(top_probability * 254)
         if sums.shape[1] > final_rows:
             if self.next_carry is None:
-                self.next_carry = np.zeros([sums.shape[0], sums.shape[1] - final_rows, self.width], np.float32)
-            self.next_carry[:, :, left:right] = sums[:, final_rows:]
+                self.next_carry = _Carry(sums.shape[0], sums.shape[1] - final_rows, self.width, self.spill_dir)
+            self.next_carry.write(left, sums[:, final_rows:])
+
+    def close(self):
+        for carry in (self.carry, self.next_carry):
+            if carry is not None:
+                carry.close()
+
+
+class _Carry:
+    """Score sums [C, rows, width] written and read column range by column range, left to right: an array,
+    or over ``SPILL_BYTES`` with a ``spill_dir``, a nameless temporary file there holding each column's
+    C x rows floats together (a column range is one read or write)."""
+
+    def __init__(self, classes, rows, width, spill_dir=None):
+        self.classes, self.rows, self.spill_dir = classes, rows, spill_dir
+        self.column_bytes = classes * rows * 4
+        self.file = self.array = None
+        if spill_dir is not None and self.column_bytes * width > SPILL_BYTES:
+            self.file = tempfile.TemporaryFile(dir=spill_dir)  # unlinked at once on Linux: nothing to delete later
+            self.file.truncate(self.column_bytes * width)  # sparse: columns never written read as zeros
+        else:
+            self.array = np.zeros([classes, rows, width], np.float32)
+
+    def write(self, left, values):
+        """Sums [C, rows, n] of columns [left, left + n)."""
+        if self.array is not None:
+            self.array[:, :, left:left + values.shape[2]] = values
+            return
+        data = np.ascontiguousarray(values.transpose(2, 0, 1))
+        if os.pwrite(self.file.fileno(), data, left * self.column_bytes) != data.nbytes:
+            raise OSError(f"short write to the temporary file of carried scores in {self.spill_dir}")
+
+    def read(self, left, right):
+        """Sums [C, rows, right - left] of columns [left, right)."""
+        if self.array is not None:
+            return self.array[:, :, left:right]
+        data = os.pread(self.file.fileno(), (right - left) * self.column_bytes, left * self.column_bytes)
+        return np.frombuffer(data, np.float32).reshape(right - left, self.classes, self.rows).transpose(1, 2, 0)
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+        self.file = self.array = None
 
 
 def first_max_index(scores):

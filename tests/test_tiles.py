@@ -1,5 +1,7 @@
 """Streamed sliding windows: the labels of the whole-image sliding window, in memory bounded by the
-window and the image width; overlays blended band by band with PaddleSeg's pixels."""
+window and the image width (or by the window, with the carried scores in a file); overlays blended band by
+band with PaddleSeg's pixels."""
+import os
 import tracemalloc
 
 import numpy as np
@@ -12,7 +14,8 @@ from deploy.test_export import TRANSFORMS, tiny_emanet
 from emanet.engine.inference import ModelSegmenter
 from emanet.errors import InvalidInput
 from emanet.test_time import InferenceOptions
-from emanet.tiles import first_max_index, overlay, stream_labels
+from emanet import tiles
+from emanet.tiles import first_max_index, overlay, stream_labels, stream_strips
 
 
 def slide(crop_size, stride, slide_batch=1):
@@ -47,6 +50,28 @@ def test_streamed_labels_equal_the_whole_image_sliding_window(model, image, crop
     assert streamed.dtype == np.uint8 and streamed.shape == image.shape[:2]
     assert len(np.unique(streamed)) >= 2
     np.testing.assert_array_equal(streamed, whole_image_labels(segmenter, image))
+
+
+@pytest.mark.parametrize('crop_size, stride', [
+    ((40, 32), (24, 20)),  # overlaps in both directions
+    ((40, 32), (40, 9)),   # overlaps of rows only, the last row of windows moved up far
+])
+def test_carried_scores_in_a_file_give_the_same_labels_and_leave_nothing(model, image, monkeypatch, tmp_path,
+                                                                        crop_size, stride):
+    monkeypatch.setattr(tiles, 'SPILL_BYTES', 0)  # every carry goes to a file
+    spilled_into = []
+    make_file = tiles.tempfile.TemporaryFile
+    monkeypatch.setattr(tiles.tempfile, 'TemporaryFile', lambda dir: spilled_into.append(dir) or make_file(dir=dir))
+    segmenter = ModelSegmenter(model, TRANSFORMS, slide(crop_size, stride))
+    height, width = image.shape[:2]
+    labels = np.full([height, width], 255, np.uint8)
+    for top, strip, _ in stream_strips(lambda top, left, rows, columns: image[top:top + rows, left:left + columns],
+                                       height, width, segmenter.prepare_window, segmenter.forward, crop_size, stride,
+                                       spill_dir=str(tmp_path)):
+        labels[top:top + strip.shape[0]] = strip
+    assert spilled_into and set(spilled_into) == {str(tmp_path)}
+    np.testing.assert_array_equal(labels, whole_image_labels(segmenter, image))
+    assert os.listdir(tmp_path) == []  # the files had no name
 
 
 def test_windows_differ_from_one_pass_so_the_comparison_means_something(model, image):
