@@ -12,6 +12,7 @@ import pytest
 
 from conftest import run_tool_in_process
 from deploy.test_export import TRANSFORMS, tiny_emanet
+from emanet import tiles
 from emanet.deploy.backends import load_exported
 from emanet.deploy.static_graph import export_model
 from emanet.engine.inference import ModelSegmenter
@@ -87,15 +88,24 @@ def test_infer_tool_writes_the_in_memory_sliding_window_labels_with_the_inputs_g
     assert not (tmp_path / 'out' / 'pseudo_color_prediction').exists()
 
 
-@pytest.mark.parametrize('slide_batch', [1, 3])
-def test_windows_of_a_tiled_raster_give_the_dygraph_models_in_memory_labels(model, tmp_path, slide_batch):
+@pytest.mark.parametrize('slide_batch, spill', [(1, False), (3, False), (1, True)])
+def test_windows_of_a_tiled_raster_give_the_dygraph_models_in_memory_labels(model, tmp_path, monkeypatch,
+                                                                            slide_batch, spill):
     bands = random_bands(height=131, width=157, seed=1)  # edges that no stride reaches evenly
     path = write_raster(tmp_path / 'scene.tif', bands)
+    spilled_into = []
+    if spill:  # every carried score goes through a nameless file in the output's folder
+        monkeypatch.setattr(tiles, 'SPILL_BYTES', 0)
+        make_file = tiles.tempfile.TemporaryFile
+        monkeypatch.setattr(tiles.tempfile, 'TemporaryFile', lambda dir: spilled_into.append(dir) or make_file(dir=dir))
     options = InferenceOptions(is_slide=True, crop_size=(48, 40), stride=(32, 24), slide_batch=slide_batch)
     segmenter = ModelSegmenter(model, TRANSFORMS, options)
-    predict_raster(segmenter, path, str(tmp_path / 'labels.tif'), color_map())
-    written, _, _ = read_output(tmp_path / 'labels.tif')
+    (tmp_path / 'out').mkdir()
+    predict_raster(segmenter, path, str(tmp_path / 'out' / 'labels.tif'), color_map())
+    written, _, _ = read_output(tmp_path / 'out' / 'labels.tif')
     np.testing.assert_array_equal(written[0], in_memory_labels(segmenter, bgr_of(bands)))
+    assert os.listdir(tmp_path / 'out') == ['labels.tif']
+    assert set(spilled_into) == ({str(tmp_path / 'out')} if spill else set())
 
 
 @pytest.mark.parametrize('stretch', ['scale', 'percentile_stretch'])

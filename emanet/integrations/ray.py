@@ -28,6 +28,7 @@ import dataclasses
 import gc
 import os
 import posixpath
+import re
 import time
 import uuid
 
@@ -176,7 +177,7 @@ def infer_on_ray(deploy_path, image_path, save_dir, address=None, actors=None, b
     finally:
         for key, value in settings_before.items():
             setattr(data_context, key, value)
-        _remove_temporary_files(save_dir, temp_tag)
+        _remove_temporary_files(save_dir, [name for _, name in todo], temp_tag)
         if started_here:
             ray.shutdown()
     # Counted from the files: an image written just before its actor died came back in no row.
@@ -309,10 +310,20 @@ class _Labeler:
         return result
 
 
-def _remove_temporary_files(save_dir, temp_tag):
-    """Delete the temporary files this run's writers left when they were killed (named with ``temp_tag``)."""
-    for folder in (os.path.join(save_dir, 'pseudo_color_prediction'), os.path.join(save_dir, 'added_prediction')):
-        for directory, _, files in os.walk(folder):
-            for file_name in files:
-                if file_name.endswith('.tmp') and f".{temp_tag}-" in file_name:
-                    os.remove(os.path.join(directory, file_name))
+def _remove_temporary_files(save_dir, names, temp_tag):
+    """Delete the temporary files this run's writers left when they were killed: only beside the results of this
+    run's images (``names``), only under the names ``write_atomically`` gives them, ``<result>.<temp_tag>-<8 hex
+    digits>.tmp``, with the ``temp_tag`` this run made."""
+    results = collections.defaultdict(set)  # folder: the result files of this run's images in it
+    for name in names:
+        for path in pseudo_color_paths(save_dir, name):
+            results[os.path.dirname(path)].add(os.path.basename(path))
+    for folder, files in results.items():
+        try:
+            entries = os.listdir(folder)
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            result, mark, rest = entry.partition(f".{temp_tag}-")
+            if mark and result in files and re.fullmatch(r'[0-9a-f]{8}\.tmp', rest):
+                os.remove(os.path.join(folder, entry))

@@ -146,3 +146,15 @@ def test_without_ray_one_sentence_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, 'ray', None)
     with pytest.raises(Unsupported, match=r"pip install 'emanet-paddle\[ray\]'"):
         emanet_ray.require_ray()
+
+
+def test_only_this_runs_temporary_files_of_its_own_images_are_deleted(tmp_path):
+    masks = tmp_path / 'pseudo_color_prediction'
+    masks.mkdir()
+    files = {'left by this run': 'a.png.raytag-0123abcd.tmp', 'another run': 'a.png.rayother-0123abcd.tmp',
+             'an image of another run': 'z.png.raytag-0123abcd.tmp', 'a result': 'a.png',
+             "the user's": 'a.png.raytag-notes.tmp'}
+    for name in files.values():
+        (masks / name).write_bytes(b'x')
+    emanet_ray._remove_temporary_files(str(tmp_path), ['a', 'b'], 'raytag')
+    assert sorted(os.listdir(masks)) == sorted(name for kind, name in files.items() if kind != 'left by this run')
