@@ -16,8 +16,8 @@ import paddle
 import safetensors
 
 from emanet.download import weights_path
-from emanet.errors import UserError
-from emanet.safe_pickle import SHARED_VALUES_ALLOWANCE, PickleReader, Refused, Unreadable, plain, short_text
+from emanet.errors import UserError, short_text
+from emanet.safe_pickle import SHARED_VALUES_ALLOWANCE, PickleReader, Refused, Unreadable, plain
 
 logger = logging.getLogger(__name__)  # a child of the "emanet" logger
 

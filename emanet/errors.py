@@ -7,6 +7,12 @@ fits (``ValueError``, ``RuntimeError``...), so code catching the built-in class 
 """
 
 
+def short_text(text, limit=60):
+    """``text`` (or str of a value) cut to ``limit`` characters and '...', to quote in a message."""
+    text = str(text)
+    return text if len(text) <= limit else text[:limit] + '...'
+
+
 class UserError(Exception):
     """An error the user can fix; its message names the file, URL, flag or key at fault.
 

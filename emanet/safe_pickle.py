@@ -12,6 +12,8 @@ import pickletools
 
 import numpy as np
 
+from emanet.errors import short_text
+
 # A Paddle checkpoint nests a few levels (state -> 'master_weights' -> (name, array)); far deeper is an attack.
 MAX_DEPTH = 64
 # Paddle writes a few dozen pickle instructions per tensor; interpreting one takes about a microsecond.
@@ -57,11 +59,6 @@ class _BoundedFile:
 
     def tell(self):
         return self.position
-
-
-def short_text(text, limit=60):
-    text = str(text)
-    return text if len(text) <= limit else text[:limit] + '...'
 
 
 def _is_key(value):

@@ -118,6 +118,10 @@ def test_benchmark_tool_reports_every_variant(tmp_path, capsys, monkeypatch):
         assert (f"| 256x256{kind} | 128x64 | {large['large_s']:.1f} | {large['large_s_per_mpx']:.3f} "
                 f"| {large['reference_s_per_mpx']:.3f} | {large['s_per_mpx_over_reference']:.2f} "
                 f"| {large['peak_mb']:.0f} |") in report, name
+        if kind:  # the GeoTIFF written carries the input's georeference and a colour table
+            assert large['georeference']['same_crs_transform_size'], name
+            assert large['georeference']['colour_table_entries'] >= 19, name
+            assert 'GeoTIFF written: EPSG:32633, transform and size of the input: yes, uint8 with a colour table' in report
 
     assert '| variant | input | median s | peak MB | working MB | vs PaddleSeg dygraph |' in report
     assert '(2T+1)*N*C*K' in report

@@ -17,7 +17,7 @@ import paddle.nn.functional as F
 import yaml
 
 from emanet.deploy.legacy_program import legacy_operators, writes_legacy_program
-from emanet.errors import InvalidInput, MissingFile
+from emanet.errors import InvalidInput, MissingFile, short_text
 from emanet.untrusted import load_mapping
 from emanet.logger import drop_stderr_lines, ignore_warnings, logger
 
@@ -229,7 +229,7 @@ def _check_deploy_fields(deploy, path):
     """Refuse, in one sentence naming ``path`` and the key, a deploy section whose values are of the wrong
     kind: an exported folder may come from someone else, and its readers index these values."""
     def refuse(key, expected):
-        raise InvalidInput(f"{path}: Deploy.{key} must be {expected}, got {short_repr(deploy.get(key))}")
+        raise InvalidInput(f"{path}: Deploy.{key} must be {expected}, got {short_text(repr(deploy.get(key)))}")
 
     if deploy.get('format', 'paddle') not in EXPORT_FORMATS:
         refuse('format', f"one of {', '.join(EXPORT_FORMATS)}")
@@ -256,9 +256,3 @@ def _check_deploy_fields(deploy, path):
             isinstance(color, list) and len(color) == 3 and all(type(v) is int and 0 <= v <= 255 for v in color)
             for color in palette)):
         refuse('palette', f"a list of {count} colours [r, g, b], one per class, each of 0 to 255")
-
-
-def short_repr(value, limit=60):
-    """repr(value), cut to ``limit`` characters for a message."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + '...'

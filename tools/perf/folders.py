@@ -1,6 +1,7 @@
 """Any image, any folder: a folder predicted end to end (``predict_images``, tools/infer.py's loop) against the
 model alone in the same process, and a sliding window over one large image against a folder-sized image
 (``perf.measure`` runs each in a worker process and adds its peak memory)."""
+import os
 import statistics
 import tempfile
 import time
@@ -101,6 +102,19 @@ def sliding_window(window):
     return InferenceOptions(is_slide=True, crop_size=tuple(window), stride=tuple(window))
 
 
+def raster_output_check(path, save_dir):
+    """Whether the GeoTIFF written for the raster ``path`` has its CRS, transform and size, and a colour table."""
+    import rasterio
+    from emanet.rasters import output_path
+    written = output_path(save_dir, os.path.splitext(os.path.basename(path))[0])
+    with rasterio.open(path) as source, rasterio.open(written) as output:
+        colors = output.colormap(1)
+        return {'crs': str(output.crs), 'size': [output.width, output.height], 'dtype': output.dtypes[0],
+                'colour_table_entries': len(colors), 'nodata': output.nodata,
+                'same_crs_transform_size': (output.crs == source.crs and output.transform == source.transform
+                                            and (output.width, output.height) == (source.width, source.height))}
+
+
 def large_image_speed(segmenter, image_path, image_size, reference_path, reference_size):
     """Seconds and seconds per megapixel of ``predict_images`` on the reference image, then on the large one (same
     segmenter, so the same windows), after one untimed reference prediction (the runtime's first call)."""
@@ -113,6 +127,8 @@ def large_image_speed(segmenter, image_path, image_size, reference_path, referen
             start = time.perf_counter()
             predict_images(segmenter, path, save_dir)
             seconds = time.perf_counter() - start
+            if name == 'large' and path.endswith('.tif'):
+                result['georeference'] = raster_output_check(path, save_dir)
         result[f'{name}_s'] = seconds
         result[f'{name}_s_per_mpx'] = seconds / (width * height / 1e6)
     result['s_per_mpx_over_reference'] = result['large_s_per_mpx'] / result['reference_s_per_mpx']

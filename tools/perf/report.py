@@ -153,6 +153,14 @@ def _image_rows(results):
                          f"| {result['large_s']:.1f} | {result['large_s_per_mpx']:.3f} "
                          f"| {result['reference_s_per_mpx']:.3f} | {result['s_per_mpx_over_reference']:.2f} "
                          f"| {result['peak_mb']:.0f} | {result['peak_mb'] - result['setup_mb']:.0f} |")
+        for name, result in large.items():
+            written = result.get('georeference')
+            if written:
+                same = 'yes' if written['same_crs_transform_size'] else 'NO'
+                lines.append(f"{_runtime_name(name)} {_shape(result['size'])} GeoTIFF written: {written['crs']}, "
+                             f"transform and size of the input: {same}, "
+                             f"{written['dtype']} with a colour table of {written['colour_table_entries']} entries, "
+                             f"nodata {written['nodata']:g}.")
     return lines
 
 def _ray_rows(results):
