@@ -308,6 +308,16 @@ def log_lines():
     emanet_logger.setLevel(level)
 
 
+@pytest.fixture
+def spilled_into(monkeypatch):
+    """Every score carry of ``emanet.tiles`` goes to a file; the folders its files were made in, as they come."""
+    from emanet import tiles
+    folders, make_file = [], tiles.tempfile.TemporaryFile
+    monkeypatch.setattr(tiles, 'SPILL_BYTES', 0)
+    monkeypatch.setattr(tiles.tempfile, 'TemporaryFile', lambda dir: folders.append(dir) or make_file(dir=dir))
+    return folders
+
+
 # The files that take longest (in seconds on 2 cores, from `--durations=0`), in that order: each file's tests run
 # in one test process, so the longest go first and the short ones fill in, and both processes end together.
 LONGEST_FILES = ('test_benchmark.py', 'test_docs.py', 'integrations/test_ray.py', 'test_distributed.py',

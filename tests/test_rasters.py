@@ -12,7 +12,6 @@ import pytest
 
 from conftest import run_tool_in_process
 from deploy.test_export import TRANSFORMS, tiny_emanet
-from emanet import tiles
 from emanet.deploy.backends import load_exported
 from emanet.deploy.static_graph import export_model
 from emanet.engine.inference import ModelSegmenter
@@ -89,15 +88,12 @@ def test_infer_tool_writes_the_in_memory_sliding_window_labels_with_the_inputs_g
 
 
 @pytest.mark.parametrize('slide_batch, spill', [(1, False), (3, False), (1, True)])
-def test_windows_of_a_tiled_raster_give_the_dygraph_models_in_memory_labels(model, tmp_path, monkeypatch,
+def test_windows_of_a_tiled_raster_give_the_dygraph_models_in_memory_labels(model, tmp_path, request,
                                                                             slide_batch, spill):
     bands = random_bands(height=131, width=157, seed=1)  # edges that no stride reaches evenly
     path = write_raster(tmp_path / 'scene.tif', bands)
-    spilled_into = []
-    if spill:  # every carried score goes through a nameless file in the output's folder
-        monkeypatch.setattr(tiles, 'SPILL_BYTES', 0)
-        make_file = tiles.tempfile.TemporaryFile
-        monkeypatch.setattr(tiles.tempfile, 'TemporaryFile', lambda dir: spilled_into.append(dir) or make_file(dir=dir))
+    # With spill, every carried score goes through a nameless file in the output's folder.
+    spilled_into = request.getfixturevalue('spilled_into') if spill else []
     options = InferenceOptions(is_slide=True, crop_size=(48, 40), stride=(32, 24), slide_batch=slide_batch)
     segmenter = ModelSegmenter(model, TRANSFORMS, options)
     (tmp_path / 'out').mkdir()

@@ -14,7 +14,6 @@ from deploy.test_export import TRANSFORMS, tiny_emanet
 from emanet.engine.inference import ModelSegmenter
 from emanet.errors import InvalidInput
 from emanet.test_time import InferenceOptions
-from emanet import tiles
 from emanet.tiles import first_max_index, overlay, stream_labels, stream_strips
 
 
@@ -56,12 +55,8 @@ def test_streamed_labels_equal_the_whole_image_sliding_window(model, image, crop
     ((40, 32), (24, 20)),  # overlaps in both directions
     ((40, 32), (40, 9)),   # overlaps of rows only, the last row of windows moved up far
 ])
-def test_carried_scores_in_a_file_give_the_same_labels_and_leave_nothing(model, image, monkeypatch, tmp_path,
+def test_carried_scores_in_a_file_give_the_same_labels_and_leave_nothing(model, image, spilled_into, tmp_path,
                                                                         crop_size, stride):
-    monkeypatch.setattr(tiles, 'SPILL_BYTES', 0)  # every carry goes to a file
-    spilled_into = []
-    make_file = tiles.tempfile.TemporaryFile
-    monkeypatch.setattr(tiles.tempfile, 'TemporaryFile', lambda dir: spilled_into.append(dir) or make_file(dir=dir))
     segmenter = ModelSegmenter(model, TRANSFORMS, slide(crop_size, stride))
     height, width = image.shape[:2]
     labels = np.full([height, width], 255, np.uint8)

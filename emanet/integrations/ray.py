@@ -296,16 +296,11 @@ class _Labeler:
     def __call__(self, row):
         result = {'path': row['path'], 'name': row['name'], 'node': self.node, 'error': ''}
         try:
-            image = _read_image(row['path'])
-        except (OSError, InvalidInput) as error:
-            result['error'] = f"{type(error).__name__}: {error}"
-            return result
-        try:
-            image, model_input, trans_info = self.segmenter.prepare(image)
+            image, model_input, trans_info = self.segmenter.prepare(_read_image(row['path']))
             label = self.model_thread.submit(self.segmenter.predict_prepared, (image, model_input, trans_info)).result()
             save_pseudo_color(image, label.astype(np.uint8, copy=False), self.save_dir, row['name'], self.colors,
                               self.temp_tag)
-        except Exception as error:  # one image's failure is reported by its name; the others go on
+        except Exception as error:  # one image's failure (a file that is no image) is reported by its name
             result['error'] = f"{type(error).__name__}: {error}"
         return result
 
