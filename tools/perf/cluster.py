@@ -16,6 +16,8 @@ from emanet.engine.predict import predict_images
 from emanet.logger import logger
 
 WAIT_SECONDS = 90  # bound of every wait on the cluster: a stuck cluster is an error, not a hang
+# argv: a core, then a command to run on that core alone.
+CONFINED_EXEC = 'import os, sys; os.sched_setaffinity(0, {int(sys.argv[1])}); os.execv(sys.argv[2], sys.argv[2:])'
 
 
 class LocalCluster:
@@ -45,11 +47,13 @@ class LocalCluster:
         cores = sorted(os.sched_getaffinity(0))
         core = cores[index % len(cores)]
         with open(os.path.join(self.temp_dir, f'node{index}.log'), 'wb') as log:
+            # Confined by a Python of its own that then becomes `ray start` (exec keeps the process and its
+            # affinity): a preexec_fn is not safe in a process that runs threads, as Paddle's.
             process = subprocess.Popen(
-                [ray_command, 'start', '--block', '--num-cpus', '1', '--node-ip-address', '127.0.0.1',
-                 '--object-store-memory', str(200 << 20), '--disable-usage-stats', *args],
-                stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
-                preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+                [sys.executable, '-c', CONFINED_EXEC, str(core), ray_command, 'start', '--block', '--num-cpus', '1',
+                 '--node-ip-address', '127.0.0.1', '--object-store-memory', str(200 << 20), '--disable-usage-stats',
+                 *args],
+                stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         self.processes.append(process)
         if index == 0:
             wait_for(lambda: self._running(process) and _accepts(self.port), 'the head node to listen')
