@@ -49,7 +49,7 @@ def read_ahead(executor, function, items, ahead):
         yield pending.popleft().result()
 
 
-def stream_labels(image, prepare, forward, crop_size, stride, slide_batch=1):
+def stream_labels(image, prepare, forward, crop_size, stride, slide_batch=1, spill_dir=None):
     """Labels [H, W] (uint8 up to 256 classes, else int32) of ``image`` [H, W, 3] by sliding windows.
 
     Args:
@@ -58,11 +58,13 @@ def stream_labels(image, prepare, forward, crop_size, stride, slide_batch=1):
         forward: a batch [n, 3, h, w] float32 numpy -> logits [n, C, h, w] (numpy or paddle Tensor).
         crop_size, stride: (w, h) of the windows and of their steps.
         slide_batch: windows per forward call.
+        spill_dir: as for ``stream_strips``.
     """
     height, width = image.shape[:2]
     labels = None
     for top, strip, _ in stream_strips(lambda top, left, rows, columns: image[top:top + rows, left:left + columns],
-                                       height, width, prepare, forward, crop_size, stride, slide_batch):
+                                       height, width, prepare, forward, crop_size, stride, slide_batch,
+                                       spill_dir=spill_dir):
         if labels is None or labels.dtype.itemsize < strip.dtype.itemsize:
             labels = np.empty([height, width], strip.dtype) if labels is None else labels.astype(strip.dtype)
         labels[top:top + strip.shape[0]] = strip

@@ -14,7 +14,7 @@ from deploy.test_export import TRANSFORMS, tiny_emanet
 from emanet.engine.inference import ModelSegmenter
 from emanet.errors import InvalidInput
 from emanet.test_time import InferenceOptions
-from emanet.tiles import first_max_index, overlay, stream_labels, stream_strips
+from emanet.tiles import first_max_index, overlay, stream_labels
 
 
 def slide(crop_size, stride, slide_batch=1):
@@ -58,12 +58,8 @@ def test_streamed_labels_equal_the_whole_image_sliding_window(model, image, crop
 def test_carried_scores_in_a_file_give_the_same_labels_and_leave_nothing(model, image, spilled_into, tmp_path,
                                                                         crop_size, stride):
     segmenter = ModelSegmenter(model, TRANSFORMS, slide(crop_size, stride))
-    height, width = image.shape[:2]
-    labels = np.full([height, width], 255, np.uint8)
-    for top, strip, _ in stream_strips(lambda top, left, rows, columns: image[top:top + rows, left:left + columns],
-                                       height, width, segmenter.prepare_window, segmenter.forward, crop_size, stride,
-                                       spill_dir=str(tmp_path)):
-        labels[top:top + strip.shape[0]] = strip
+    labels = stream_labels(image, segmenter.prepare_window, segmenter.forward, crop_size, stride,
+                           spill_dir=str(tmp_path))
     assert spilled_into and set(spilled_into) == {str(tmp_path)}
     np.testing.assert_array_equal(labels, whole_image_labels(segmenter, image))
     assert os.listdir(tmp_path) == []  # the files had no name

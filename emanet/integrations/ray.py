@@ -47,7 +47,7 @@ INSTALL_HINT = "pip install 'emanet-paddle[ray]'"
 MIN_SHARE = 0.1
 # Images an actor holds at once, each on a thread: one in the model, the other read, decoded or written meanwhile.
 CALLS_PER_ACTOR = 2
-MAX_BLOCKS = 4096  # one image per block (finest retries and balance) up to this many images
+MAX_BLOCKS = 4096  # one image per block (the finest balance over the actors) up to this many images
 PROGRESS_SECONDS = 10.0
 # Ray Data feeds the pool once all its actors have started, so that every node takes its share from the first image;
 # a pool the cluster cannot place fails after this long rather than waiting forever.
